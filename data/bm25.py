@@ -1,0 +1,64 @@
+"""BM25 retrieval with the ``bm25s`` library, searched in query chunks so memory stays flat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import bm25s
+import numpy as np
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class BM25Config:
+    """Lucene BM25 (``bm25s`` ``method="lucene"``); English stopwords and Snowball stemming by default."""
+
+    k1: float = 0.9
+    b: float = 0.4
+    stemmer: str = "english"  # a PyStemmer language, or "none"
+    stopwords: str = "en"  # a bm25s stopword list, or "none"
+    chunk_size: int = 1024  # queries scored at once
+
+
+class BM25Index:
+    """A corpus indexed for BM25; :meth:`search` returns top-k (scores, indices) arrays.
+
+    >>> index = BM25Index(["red apples", "green pears", "apple pie recipes"], BM25Config(stemmer="none", stopwords="none"))
+    >>> scores, indices = index.search(["pears"], k=1)
+    >>> int(indices[0, 0])
+    1
+    """
+
+    def __init__(self, passages: Sequence[str], config: BM25Config = BM25Config(), show_progress: bool = False):
+        self.config = config
+        self.show_progress = show_progress
+        self._stemmer = None
+        if config.stemmer != "none":
+            import Stemmer
+
+            self._stemmer = Stemmer.Stemmer(config.stemmer)
+        self._stopwords = None if config.stopwords == "none" else config.stopwords
+        self._retriever = bm25s.BM25(k1=config.k1, b=config.b, method="lucene")
+        self._retriever.index(self._tokenize(passages, return_ids=True), show_progress=show_progress)
+        self.size = len(passages)
+
+    def _tokenize(self, texts: Sequence[str], return_ids: bool):
+        return bm25s.tokenize(
+            list(texts), stopwords=self._stopwords, stemmer=self._stemmer, return_ids=return_ids, show_progress=False
+        )
+
+    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` passages per query: scores (Q, k) float32 and indices (Q, k); ``k`` capped at corpus size.
+
+        A query with no known term gets score 0 everywhere (its order is then arbitrary).
+        """
+        k = min(k, self.size)
+        scores, indices = [], []
+        chunks = range(0, len(queries), self.config.chunk_size)
+        for start in tqdm(chunks, desc="bm25 search", disable=not self.show_progress, leave=False):
+            tokens = self._tokenize(queries[start : start + self.config.chunk_size], return_ids=False)
+            found, found_scores = self._retriever.retrieve(tokens, k=k, show_progress=False, n_threads=0)
+            indices.append(np.asarray(found, dtype=np.int64))
+            scores.append(np.asarray(found_scores, dtype=np.float32))
+        return np.concatenate(scores), np.concatenate(indices)

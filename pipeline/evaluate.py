@@ -1,0 +1,97 @@
+"""Retrieval evaluation: encode the corpus with any encoder, search it with FAISS, score the ranking.
+
+The encoder is any callable mapping a batch from :func:`data.collate.encoder_inputs` to vectors
+(B, D); texts are tokenised once under the alignment contract and encoded longest first with
+dynamic padding, so padding waste stays small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from data.beir import BeirData
+from data.bm25 import BM25Config, BM25Index
+from data.collate import SpecialTokens, encoder_inputs, tokenize
+from pipeline.faiss_index import IndexConfig, build_index, search
+from pipeline.metrics import Ranking, evaluate_ranking, ranking_from_arrays
+
+Encoder = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a split is evaluated; ``top_k`` is the retrieval depth (Recall@1000 needs 1000)."""
+
+    split: str = "test"
+    query_max_len: int = 32
+    passage_max_len: int = 128
+    batch_size: int = 128
+    top_k: int = 1000
+    index: IndexConfig = IndexConfig()
+
+
+@torch.inference_mode()
+def encode(
+    encoder: Encoder,
+    ids: Sequence[Sequence[int]],
+    special: SpecialTokens,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+) -> np.ndarray:
+    """Vectors (N, D) float32 of pre-tokenised texts, in input order, longest texts first internally."""
+    order = np.argsort([-len(row) for row in ids], kind="stable")
+    chunks = []
+    for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=desc is None, leave=False):
+        batch = encoder_inputs([ids[i] for i in order[start : start + batch_size]], special)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        chunks.append(encoder(batch).float().cpu())
+    vectors = torch.cat(chunks).numpy()  # (N, D), longest first
+    out = np.empty_like(vectors)
+    out[order] = vectors
+    return out
+
+
+def dense_search(
+    encoder: Encoder,
+    tokenizer,
+    data: BeirData,
+    query_ids: Sequence[str],
+    config: EvalConfig,
+    device: torch.device | str = "cpu",
+    show_progress: bool = False,
+) -> Ranking:
+    """Encode corpus and queries, index the corpus, return each query's top ``config.top_k``."""
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    passage_ids = tokenize(tokenizer, data.passage_texts(), config.passage_max_len)
+    query_token_ids = tokenize(tokenizer, data.query_texts(list(query_ids)), config.query_max_len)
+    progress = (lambda name: name) if show_progress else (lambda name: None)
+    p_reps = encode(encoder, passage_ids, special, config.batch_size, device, progress("encode corpus"))
+    q_reps = encode(encoder, query_token_ids, special, config.batch_size, device, progress("encode queries"))
+    index = build_index(p_reps, config.index)
+    scores, indices = search(index, q_reps, config.top_k)
+    return ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
+
+
+def bm25_search(data: BeirData, query_ids: Sequence[str], config: BM25Config, top_k: int) -> Ranking:
+    """BM25 top-``top_k`` of each query over the whole corpus."""
+    index = BM25Index(data.passage_texts(), config)
+    scores, indices = index.search(data.query_texts(list(query_ids)), top_k)
+    return ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
+
+
+def evaluate_dense(encoder: Encoder, tokenizer, data: BeirData, config: EvalConfig, **kw) -> dict[str, float]:
+    """MRR@10, nDCG@10, Recall@{10,100,1000} of a dense encoder on ``config.split``."""
+    ranking = dense_search(encoder, tokenizer, data, data.judged_queries(config.split), config, **kw)
+    return evaluate_ranking(data.qrels[config.split], ranking)
+
+
+def evaluate_bm25(data: BeirData, split: str, config: BM25Config = BM25Config(), top_k: int = 1000) -> dict[str, float]:
+    """The same metrics for BM25 on ``split``."""
+    ranking = bm25_search(data, data.judged_queries(split), config, top_k)
+    return evaluate_ranking(data.qrels[split], ranking)

@@ -1,0 +1,63 @@
+"""A small FAISS wrapper: exact inner product by default, HNSW or IVF for large corpora."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Which FAISS index to build. Scores are inner products (cosine when vectors are normalised)."""
+
+    kind: str = "flat"
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 256
+    ivf_nlist: int = 0  # 0: 4 * sqrt(corpus size), at most corpus size / 39
+    ivf_nprobe: int = 32
+
+
+def build_index(p_reps: np.ndarray, config: IndexConfig = IndexConfig()) -> faiss.Index:
+    """Index passage vectors (P, D) float32 for inner-product search.
+
+    >>> index = build_index(np.eye(3, dtype=np.float32))
+    >>> index.ntotal
+    3
+    """
+    p_reps = np.ascontiguousarray(p_reps, dtype=np.float32)
+    dim = p_reps.shape[1]
+    if config.kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif config.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.hnsw_ef_construction
+        index.hnsw.efSearch = config.hnsw_ef_search
+    elif config.kind == "ivf":
+        # FAISS wants at least 39 training points per list.
+        nlist = config.ivf_nlist or max(1, min(int(4 * math.sqrt(len(p_reps))), len(p_reps) // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(p_reps)
+        index.nprobe = min(config.ivf_nprobe, nlist)
+    else:
+        raise ValueError(f"unknown index kind {config.kind!r} (expected one of {', '.join(INDEX_KINDS)})")
+    index.add(p_reps)
+    return index
+
+
+def search(index: faiss.Index, q_reps: np.ndarray, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores (Q, k), indices (Q, k)) in query batches; ``k`` is capped at the index size.
+
+    >>> scores, indices = search(build_index(np.eye(3, dtype=np.float32)), np.array([[0, 1, 0]], np.float32), k=2)
+    >>> int(indices[0, 0]), float(scores[0, 0])
+    (1, 1.0)
+    """
+    k = min(k, index.ntotal)
+    q_reps = np.ascontiguousarray(q_reps, dtype=np.float32)
+    scores, indices = zip(*(index.search(q_reps[i : i + batch_size], k) for i in range(0, len(q_reps), batch_size)))
+    return np.concatenate(scores), np.concatenate(indices)

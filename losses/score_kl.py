@@ -1,0 +1,94 @@
+"""Score distillation ``KL(P_teacher || P_student)`` over each query's candidate list."""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_log_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``log_softmax`` over the last dim with masked-out entries at the dtype's minimum.
+
+    The finite minimum rather than ``-inf`` keeps ``0 * log p`` and gradients free of NaN; rows
+    with no valid entry come out uniform and must be dropped by the caller.
+
+    >>> masked_log_softmax(torch.zeros(1, 3), torch.tensor([[True, True, False]])).exp()
+    tensor([[0.5000, 0.5000, 0.0000]])
+    """
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores.log_softmax(dim=-1)
+
+
+def kl_rows(
+    teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Row-wise ``sum_c P_t(c) (log P_t(c) - log P_s(c))`` with masked entries contributing 0.
+
+    Args:
+        teacher_logp, student_logp: (..., C) log-probabilities.
+        mask: (..., C) bool, True on valid entries, or None.
+
+    Returns:
+        (...) KL per row.
+
+    >>> logp = torch.tensor([[0.5, 0.5]]).log()
+    >>> kl_rows(logp, logp)
+    tensor([0.])
+    """
+    terms = teacher_logp.exp() * (teacher_logp - student_logp)  # (..., C)
+    if mask is not None:
+        terms = terms.masked_fill(~mask, 0.0)
+    return terms.sum(dim=-1)
+
+
+def score_kl(
+    teacher_scores: torch.Tensor,
+    student_scores: torch.Tensor,
+    tau_teacher: float = 1.0,
+    tau_student: float = 1.0,
+    mask: torch.Tensor | None = None,
+    detach_teacher: bool = True,
+    scale_by_temperature: bool = False,
+) -> torch.Tensor:
+    """KL divergence from the teacher's to the student's distribution over the candidates.
+
+    ``P_X(c | q) = softmax_{c in C(q)}(s_X(q, c) / tau_X)``
+
+    ``L = 1/Q sum_q sum_c P_t(c | q) (log P_t(c | q) - log P_s(c | q))``   (``batchmean``)
+
+    With ``scale_by_temperature`` the loss is multiplied by ``tau_student ** 2``: the student's
+    gradient scales as ``1 / tau_student ** 2`` for soft targets, and the factor keeps its magnitude
+    comparable across temperatures (Hinton et al.; sentence-transformers ``DistillKLDivLoss`` uses
+    one shared temperature, which is ``tau_student`` here). Off by default because the pipeline's
+    weights are set for the unscaled loss, as in ERNIE-Search.
+
+    Args:
+        teacher_scores: (Q, C) teacher scores (CE or Col).
+        student_scores: (Q, C) student scores over the same candidates, same column order.
+        tau_teacher, tau_student: temperatures of each side.
+        mask: (Q, C) bool, True on valid candidates; False entries (e.g. padding of groups with
+            fewer negatives) have no effect. A row with no valid candidate contributes 0 but still
+            counts in the mean over Q.
+        detach_teacher: stop gradients into the teacher (default); False trains both sides.
+        scale_by_temperature: multiply by ``tau_student ** 2``.
+
+    Returns:
+        scalar loss, >= 0, zero when both distributions agree.
+
+    Reference: Hinton et al., "Distilling the Knowledge in a Neural Network", 2015;
+    Lu et al., "ERNIE-Search", 2022.
+
+    >>> teacher = torch.tensor([[2.0, 0.0, 0.0]])
+    >>> round(score_kl(teacher, teacher).item(), 6)
+    0.0
+    >>> score_kl(teacher, torch.zeros(1, 3))  # sum_c P_t(c) log(3 P_t(c))
+    tensor(0.4330)
+    """
+    if detach_teacher:
+        teacher_scores = teacher_scores.detach()
+    teacher_logp = masked_log_softmax(teacher_scores / tau_teacher, mask)  # (Q, C)
+    student_logp = masked_log_softmax(student_scores / tau_student, mask)  # (Q, C)
+    loss = kl_rows(teacher_logp, student_logp, mask).sum() / teacher_scores.shape[0]
+    if scale_by_temperature:
+        loss = loss * tau_student**2
+    return loss

@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` runs the main job, `make test` runs the tests.
+# Each creates .venv and installs what it needs when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export PYTHONDONTWRITEBYTECODE := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench-reference clean-venv
+
+$(VENV)/.core: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.core requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.dev requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+demo: $(VENV)/.core
+	$(PY) run_pipeline.py $(ARGS)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -p no:cacheprovider -q --doctest-modules data models losses pipeline tests
+
+bench-reference: $(VENV)/.bench
+	$(PY) benchmarks/reference_scifact.py
+
+clean-venv:
+	rm -rf $(VENV)

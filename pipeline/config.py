@@ -1,0 +1,161 @@
+"""Typed configuration: one dataclass per concern, composed into :class:`PipelineConfig`.
+
+YAML files and ``key.sub=value`` overrides are checked against the dataclasses: an unknown key or
+a value of the wrong type is an :class:`InputError` naming the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from data.bm25 import BM25Config
+from data.demo import DemoSpec
+from data.errors import InputError
+from pipeline.evaluate import EvalConfig
+from pipeline.faiss_index import INDEX_KINDS, IndexConfig
+from pipeline.io import write_text_atomic
+
+DEMO = "demo"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run lives: ``<output_dir>/<name>/``."""
+
+    name: str = "demo"
+    output_dir: str = "runs"
+    seed: int = 13
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A BEIR-layout folder, or ``demo`` for the embedded generated dataset (evaluated on ``eval.split``)."""
+
+    path: str = DEMO
+    train_split: str = "train"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The encoder every model starts from: a local path, a hub id, or ``demo`` (tiny random BERT)."""
+
+    name_or_path: str = DEMO
+    pooling: str = "mean"  # "mean" (E5, Mirror-BERT) or "cls" (SimLM, ERNIE-Search)
+    normalize: bool = True
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class NegativesConfig:
+    """BM25 hard negatives: the top ``depth`` non-relevant passages of each training query."""
+
+    depth: int = 30
+    bm25: BM25Config = BM25Config()
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoSpec = field(default_factory=DemoSpec)  # used where data.path or model.name_or_path is "demo"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def _check_choices(config: PipelineConfig) -> None:
+    choices = {
+        "model.pooling": (config.model.pooling, ("mean", "cls")),
+        "eval.index.kind": (config.eval.index.kind, INDEX_KINDS),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise InputError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    positive = {
+        "eval.query_max_len": config.eval.query_max_len,
+        "eval.passage_max_len": config.eval.passage_max_len,
+        "eval.batch_size": config.eval.batch_size,
+        "eval.top_k": config.eval.top_k,
+        "negatives.depth": config.negatives.depth,
+        "negatives.bm25.chunk_size": config.negatives.bm25.chunk_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise InputError(f"{key}: must be >= 1, got {value}")
+
+
+def _build(cls: type, values: Any, where: str, source: str | None):
+    if not isinstance(values, dict):
+        raise InputError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}", source)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise InputError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})", source)
+    kwargs = {}
+    for name, value in values.items():
+        key, hint = f"{where}.{name}" if where else name, hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key, source)
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            kwargs[name] = float(value)
+        elif not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise InputError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}", source)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    """Plain nested dict of a config dataclass (what ``config.yaml`` holds)."""
+    return dataclasses.asdict(config)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise InputError(f"override {dotted}: '{part}' is not a section")
+    tree[leaf] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Defaults, updated by the YAML file at ``path``, updated by ``key.sub=value`` overrides.
+
+    >>> load_config(None, ["run.name=ablation", "eval.index.kind=hnsw"]).eval.index.kind
+    'hnsw'
+    """
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise InputError(f"cannot read config ({e.strerror})", path) from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise InputError(f"invalid YAML ({getattr(e, 'problem', e)})", path, mark and mark.line + 1) from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"override {item!r}: expected key.sub=value")
+        _set(values, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    config = _build(PipelineConfig, values, "", None if path is None else os.fspath(path))
+    _check_choices(config)
+    return config
+
+
+def save_config(config: PipelineConfig, path: Path) -> None:
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))

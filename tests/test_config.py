@@ -1,0 +1,61 @@
+import pytest
+
+from data.errors import InputError
+from pipeline.config import PipelineConfig, load_config, save_config, to_dict
+
+
+def test_defaults_yaml_and_overrides_compose(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name: from_file\neval:\n  batch_size: 8\n  index:\n    kind: ivf\n")
+    config = load_config(path, ["eval.batch_size=16", "negatives.bm25.k1=1"])
+    assert config.run.name == "from_file"
+    assert config.eval.batch_size == 16
+    assert config.eval.index.kind == "ivf"
+    assert config.negatives.bm25.k1 == 1.0 and isinstance(config.negatives.bm25.k1, float)
+    assert config.eval.query_max_len == PipelineConfig().eval.query_max_len
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    config = load_config(None, ["run.name=x", "model.pooling=cls"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert set(to_dict(config)) == {"run", "data", "model", "negatives", "eval", "demo"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["run.nmae=x"], "unknown key 'run.nmae'"),
+        (["nope.x=1"], "unknown key 'nope'"),
+        (["eval.batch_size=many"], "eval.batch_size: expected int, got str"),
+        (["model.normalize=3"], "model.normalize: expected bool, got int"),
+        (["eval.top_k=true"], "eval.top_k: expected int, got bool"),
+        (["model.pooling=max"], "model.pooling: expected one of mean, cls"),
+        (["eval.index.kind=lsh"], "eval.index.kind: expected one of flat, hnsw, ivf"),
+        (["eval.batch_size=0"], "eval.batch_size: must be >= 1"),
+        (["eval=3"], "eval: expected a mapping"),
+        (["run.name"], "expected key.sub=value"),
+    ],
+)
+def test_bad_config_is_one_clear_error(overrides, message):
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        load_config(None, overrides)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  name: [unclosed\n")
+    with pytest.raises(InputError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(path)
+    with pytest.raises(InputError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_demo_config_file_shows_every_default_field():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert load_config(path) == PipelineConfig()
+    import yaml
+
+    assert yaml.safe_load(path.read_text()) == to_dict(PipelineConfig())

@@ -9,18 +9,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 
 from data.beir import BeirData, load_beir
 from data.demo import ensure_demo
 from data.errors import InputError
+from data.negatives import negatives_from_ranking
 from pipeline.config import DEMO, PipelineConfig, save_config
-from pipeline.evaluate import bm25_search, evaluate_dense
-from pipeline.io import read_jsonl, write_json_atomic, write_jsonl_atomic
-from pipeline.metrics import evaluate_ranking
+from pipeline.evaluate import bm25_search, evaluate_bm25, evaluate_dense
+from pipeline.io import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from pipeline.report import metrics_table
-from data.negatives import negatives_from_search
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +46,7 @@ def mine_bm25_negatives(config: PipelineConfig, data: BeirData, path: Path) -> d
     query_ids = data.judged_queries(split)
     most_positives = max(len(data.qrels[split][q]) for q in query_ids)
     ranking = bm25_search(data, query_ids, config.negatives.bm25, config.negatives.depth + most_positives)
-    doc_row = {doc: i for i, doc in enumerate(data.corpus["_id"])}
-    indices = [[doc_row[d] for d in ranking[q]] for q in query_ids]
-    negatives = negatives_from_search(query_ids, data.corpus["_id"], indices, data.qrels[split], config.negatives.depth)
+    negatives = negatives_from_ranking(ranking, data.qrels[split], config.negatives.depth)
     write_jsonl_atomic(path, ({"query_id": q, "negatives": negatives[q]} for q in query_ids))
     return negatives
 
@@ -86,7 +82,7 @@ def run(config: PipelineConfig) -> dict[str, dict[str, float]]:
     log.info("mined BM25 negatives for %d training queries", len(negatives))
 
     split = config.eval.split
-    results = {"bm25": evaluate_ranking(data.qrels[split], bm25_search(data, data.judged_queries(split), config.negatives.bm25, config.eval.top_k))}
+    results = {"bm25": evaluate_bm25(data, split, config.negatives.bm25, config.eval.top_k)}
     model, tokenizer = load_encoder(config, model_path)
     model.to(state.device).eval()
     results["dual-encoder (initial)"] = evaluate_dense(
@@ -94,6 +90,6 @@ def run(config: PipelineConfig) -> dict[str, dict[str, float]]:
     )
     write_json_atomic(run_dir / "eval" / "metrics.json", results)
     table = metrics_table(list(results.items()))
-    (run_dir / "report.md").write_text(f"# Run {config.run.name}\n\nEvaluation on `{split}`.\n\n{table}\n")
+    write_text_atomic(run_dir / "report.md", f"# Run {config.run.name}\n\nEvaluation on `{split}`.\n\n{table}\n")
     print(table)
     return results

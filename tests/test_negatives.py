@@ -5,7 +5,8 @@ import pytest
 
 from data.bm25 import BM25Config, BM25Index
 from data.groups import TrainGroups
-from data.negatives import negatives_from_search
+from data.negatives import negatives_from_ranking
+from pipeline.evaluate import bm25_search
 from data.beir import load_beir
 
 PLAIN = BM25Config(stemmer="none", stopwords="none")
@@ -30,14 +31,14 @@ def test_chunked_search_equals_one_chunk(demo_dirs):
 def test_mined_negatives_never_contain_a_positive(demo_dirs):
     data = load_beir(demo_dirs[0], ("train",))
     qids = data.judged_queries("train")
-    _, indices = BM25Index(data.passage_texts()).search(data.query_texts(qids), k=30)
-    negatives = negatives_from_search(qids, data.corpus["_id"], indices, data.qrels["train"], depth=10)
+    ranking = bm25_search(data, qids, BM25Config(), top_k=30)
+    negatives = negatives_from_ranking(ranking, data.qrels["train"], depth=10)
     positives_retrieved = 0
     for qid in qids:
         positives = set(data.qrels["train"][qid])
         assert not positives.intersection(negatives[qid])
         assert len(negatives[qid]) == 10
-        positives_retrieved += bool(positives.intersection(data.corpus["_id"][i] for i in indices[qids.index(qid)]))
+        positives_retrieved += bool(positives.intersection(ranking[qid][:11]))
     assert positives_retrieved > 0  # the check above is not vacuous
 
 

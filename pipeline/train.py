@@ -1,0 +1,186 @@
+"""The one training loop, shared by every stage (Accelerate's checkpointing pattern).
+
+A stage supplies ``batch_at(epoch, index)`` (a pure function, so data order depends on nothing
+but seed, epoch and index) and ``step(batch) -> {term: unweighted loss}``. The loop owns the
+weighted sum, gradient accumulation, clipping, mixed precision, the learning-rate schedule,
+logging, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from pipeline.io import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+StepFn = Callable[[Any], dict[str, torch.Tensor]]
+_CHECKPOINT = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of one stage; ``batch_at`` yields one micro-batch per call."""
+
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0: as many as the epochs give
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 50  # optimizer steps
+    keep_checkpoints: int = 2
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup then linear decay to 0, a pure function of the step (resume needs no state).
+
+    >>> [round(lr_factor(s, total=10, warmup=2), 2) for s in (0, 1, 2, 6, 10)]
+    [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+@dataclass
+class TrainState:
+    """Where training stands: saved next to every checkpoint, read back on resume."""
+
+    step: int = 0  # optimizer steps taken
+    micro_step: int = 0  # micro-batches consumed, across epochs
+
+    def position(self, batches_per_epoch: int) -> tuple[int, int]:
+        return divmod(self.micro_step, batches_per_epoch)
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint (``step-N`` with its state file), or None."""
+    found = [
+        (int(m.group(1)), p)
+        for p in checkpoint_dir.glob("step-*")
+        if (m := _CHECKPOINT.match(p.name)) and (p / "train_state.json").exists()
+    ]
+    return max(found)[1] if found else None
+
+
+def _save_checkpoint(accelerator: Accelerator, state: TrainState, checkpoint_dir: Path, keep: int) -> None:
+    final = checkpoint_dir / f"step-{state.step}"
+    staging = checkpoint_dir / f".tmp-step-{state.step}"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        write_json_atomic(staging / "train_state.json", vars(state))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        done = sorted((int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := _CHECKPOINT.match(p.name)))
+        for _, old in done[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def train(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    step_fn: StepFn,
+    batch_at: Callable[[int, int], Any],
+    batches_per_epoch: int,
+    weights: dict[str, float],
+    config: TrainConfig,
+    stage_dir: Path,
+) -> TrainState:
+    """Train ``model`` (already free of its optimizer) and return the final state.
+
+    ``step_fn`` returns unweighted loss terms by name; only terms with a non-zero weight may be
+    returned (a term switched off is never computed). Resumes from ``stage_dir/checkpoints`` when a
+    checkpoint is there.
+    """
+    if batches_per_epoch < 1:
+        raise ValueError("no training batches")
+    total_micro = config.epochs * batches_per_epoch
+    total_steps = total_micro // config.grad_accum
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    warmup = int(config.warmup_ratio * total_steps)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    checkpoint_dir = stage_dir / "checkpoints"
+    log_path = stage_dir / "train_log.jsonl"
+    state = TrainState()
+    resume_from = latest_checkpoint(checkpoint_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = TrainState(**json.loads((resume_from / "train_state.json").read_text()))
+        log.info("resumed from %s (step %d)", resume_from, state.step)
+        if accelerator.is_main_process and log_path.exists():
+            _truncate_log(log_path, state.step)
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=state.step, desc=stage_dir.name, disable=not accelerator.is_main_process)
+    running: dict[str, float] = {}
+    while state.step < total_steps:
+        epoch, index = state.position(batches_per_epoch)
+        terms = step_fn(batch_at(epoch, index))
+        unknown = [name for name in terms if not weights.get(name)]
+        if unknown:
+            raise RuntimeError(f"step returned terms with no weight: {unknown}")
+        loss = sum(weights[name] * value for name, value in terms.items())
+        accelerator.backward(loss / config.grad_accum)
+        for name, value in {"loss": loss, **terms}.items():
+            running[name] = running.get(name, 0.0) + float(value.detach()) / config.grad_accum
+        state.micro_step += 1
+        if state.micro_step % config.grad_accum:
+            continue
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        progress.update(1)
+        if state.step % config.log_every == 0 or state.step == total_steps:
+            record = {"step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **running}
+            _log(accelerator, log_path, record)
+            progress.set_postfix(loss=f"{running['loss']:.4f}")
+        running = {}
+        if state.step % config.checkpoint_every == 0 and state.step < total_steps:
+            _save_checkpoint(accelerator, state, checkpoint_dir, config.keep_checkpoints)
+    progress.close()
+    return state
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint we resume from, so no step is logged twice."""
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _log(accelerator: Accelerator, path: Path, record: dict) -> None:
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,7 +1,7 @@
 """Retrieval evaluation: encode the corpus with any encoder, search it with FAISS, score the ranking.
 
-The encoder is any callable mapping a batch from :func:`data.collate.encoder_inputs` to vectors
-(B, D); texts are tokenised once under the alignment contract and encoded longest first with
+An encoder is any callable mapping a batch from :func:`data.collate.encoder_inputs` to vectors
+(B, D), one for queries and one for passages (the same callable for a shared tower); texts are tokenised once under the alignment contract and encoded longest first with
 dynamic padding, so padding waste stays small.
 """
 
@@ -58,7 +58,8 @@ def encode(
 
 
 def dense_search(
-    encoder: Encoder,
+    query_encoder: Encoder,
+    passage_encoder: Encoder,
     tokenizer,
     data: BeirData,
     query_ids: Sequence[str],
@@ -71,8 +72,8 @@ def dense_search(
     passage_ids = tokenize(tokenizer, data.passage_texts(), config.passage_max_len)
     query_token_ids = tokenize(tokenizer, data.query_texts(list(query_ids)), config.query_max_len)
     progress = (lambda name: name) if show_progress else (lambda name: None)
-    p_reps = encode(encoder, passage_ids, special, config.batch_size, device, progress("encode corpus"))
-    q_reps = encode(encoder, query_token_ids, special, config.batch_size, device, progress("encode queries"))
+    p_reps = encode(passage_encoder, passage_ids, special, config.batch_size, device, progress("encode corpus"))
+    q_reps = encode(query_encoder, query_token_ids, special, config.batch_size, device, progress("encode queries"))
     index = build_index(p_reps, config.index)
     scores, indices = search(index, q_reps, config.top_k)
     return ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
@@ -85,9 +86,10 @@ def bm25_search(data: BeirData, query_ids: Sequence[str], config: BM25Config, to
     return ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
 
 
-def evaluate_dense(encoder: Encoder, tokenizer, data: BeirData, config: EvalConfig, **kw) -> dict[str, float]:
-    """MRR@10, nDCG@10, Recall@{10,100,1000} of a dense encoder on ``config.split``."""
-    ranking = dense_search(encoder, tokenizer, data, data.judged_queries(config.split), config, **kw)
+def evaluate_dense(model, tokenizer, data: BeirData, config: EvalConfig, **kw) -> dict[str, float]:
+    """MRR@10, nDCG@10, Recall@{10,100,1000} of a dual-encoder (``encode_queries``/``encode_passages``)."""
+    query_ids = data.judged_queries(config.split)
+    ranking = dense_search(model.encode_queries, model.encode_passages, tokenizer, data, query_ids, config, **kw)
     return evaluate_ranking(data.qrels[config.split], ranking)
 
 

@@ -53,10 +53,17 @@ def mine_bm25_negatives(config: PipelineConfig, data: BeirData, path: Path) -> d
 
 def load_encoder(config: PipelineConfig, model_path: str):
     """The dual-encoder and tokenizer to start from; a path or id that cannot be loaded is an InputError."""
+    from huggingface_hub.constants import HF_HUB_OFFLINE
     from transformers import AutoTokenizer
 
     from models.dual_encoder import DualEncoder
 
+    local = Path(model_path)
+    if model_path.startswith((".", "/", "~")) or local.exists():
+        if not (local / "config.json").is_file() and not (local / "dual_encoder.json").is_file():
+            raise InputError("model not found (expected a folder with config.json)", model_path)
+    elif HF_HUB_OFFLINE:
+        raise InputError("not a local folder, and the hub is offline (HF_HUB_OFFLINE=1)", model_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
         model = DualEncoder.from_pretrained(
@@ -65,7 +72,7 @@ def load_encoder(config: PipelineConfig, model_path: str):
             normalize=config.model.normalize,
             trust_remote_code=config.model.trust_remote_code,
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load model ({first_line})", model_path) from None
     return model, tokenizer
@@ -77,16 +84,16 @@ def run(config: PipelineConfig) -> dict[str, dict[str, float]]:
     run_dir = config.run_dir
     data_dir, model_path = resolve_inputs(config)
     data = load_data(config, data_dir)
+    model, tokenizer = load_encoder(config, model_path)
     save_config(config, run_dir / "config.yaml")
     negatives = mine_bm25_negatives(config, data, run_dir / "negatives" / "bm25.jsonl")
     log.info("mined BM25 negatives for %d training queries", len(negatives))
 
     split = config.eval.split
     results = {"bm25": evaluate_bm25(data, split, config.negatives.bm25, config.eval.top_k)}
-    model, tokenizer = load_encoder(config, model_path)
     model.to(state.device).eval()
     results["dual-encoder (initial)"] = evaluate_dense(
-        model.encode_passages, tokenizer, data, config.eval, device=state.device, show_progress=True
+        model, tokenizer, data, config.eval, device=state.device, show_progress=True
     )
     write_json_atomic(run_dir / "eval" / "metrics.json", results)
     table = metrics_table(list(results.items()))

@@ -1,6 +1,7 @@
 """The command line end to end on a small demo, and its one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ SMALL_DEMO = ["demo.n_entities=30", "demo.n_train_queries=60", "demo.n_test_quer
 
 
 def run_cli(*args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(ROOT / "run_pipeline.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
 
 
 def test_demo_runs_and_writes_the_run_directory(tmp_path):
@@ -38,7 +40,8 @@ def test_demo_runs_and_writes_the_run_directory(tmp_path):
     [
         (["eval.batch_sise=3"], "error: unknown key 'eval.batch_sise'"),
         (["data.path=/nonexistent/beir"], "error: /nonexistent/beir: data directory not found"),
-        (["model.name_or_path=/nonexistent/model"], "error: /nonexistent/model: cannot load model"),
+        (["model.name_or_path=/nonexistent/model"], "error: /nonexistent/model: model not found"),
+        (["model.name_or_path=someone/some-model"], "error: someone/some-model: not a local folder, and the hub is offline"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(tmp_path, args, expected):

@@ -97,7 +97,7 @@ def main() -> int:
     config = EvalConfig(split="test", query_max_len=ST_MAX_SEQ_LENGTH - 2, passage_max_len=ST_MAX_SEQ_LENGTH - 2,
                         batch_size=args.batch_size)
     start = time.perf_counter()
-    project = evaluate_dense(encoder.encode_passages, tokenizer, data, config, show_progress=True)
+    project = evaluate_dense(encoder, tokenizer, data, config, show_progress=True)
     timings["project_zero_shot_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

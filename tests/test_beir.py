@@ -105,3 +105,14 @@ def test_edited_file_is_reloaded_not_served_from_cache(tmp_path):
     assert len(load_beir(root, ("test",)).corpus) == 3
     write_beir(root, corpus=CORPUS + [{"_id": "d4", "text": "a fourth document"}])
     assert len(load_beir(root, ("test",)).corpus) == 4
+
+
+def test_scifact_loads_with_its_published_sizes_and_no_label_fields():
+    from tests.conftest import SCIFACT
+
+    if not (SCIFACT / "corpus.jsonl").exists():
+        pytest.skip(f"SciFact not found at {SCIFACT}")
+    data = load_beir(SCIFACT, ("train", "test"))
+    assert len(data.corpus) == 5183
+    assert len(data.judged_queries("train")) == 809 and len(data.judged_queries("test")) == 300
+    assert "metadata" not in data.queries.column_names + data.corpus.column_names

@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (default: the built-in demo config)")
+    parser.add_argument("--stages", help="run or rerun only these stages (comma-separated), reading the "
+                        "other stages' final/ outputs; stages: posttrain, teacher, warmup, distill")
+    parser.add_argument("--ablate", help="also run a variant with these distill terms switched off "
+                        "(comma-separated; terms: ce, col, de, kl_ce_col, kl_col_de, kl_ce_de, attn, dualreg)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
@@ -42,9 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     try:
         from pipeline.config import load_config
+        from pipeline.ablation import run_ablation
         from pipeline.run import run
 
-        run(load_config(args.config, args.overrides))
+        config = load_config(args.config, args.overrides)
+        only = args.stages.split(",") if args.stages else None
+        run(config, only)
+        if args.ablate:
+            run_ablation(config, args.ablate.split(","), only)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

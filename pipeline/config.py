@@ -21,8 +21,10 @@ from data.errors import InputError
 from pipeline.evaluate import EvalConfig
 from pipeline.faiss_index import INDEX_KINDS, IndexConfig
 from pipeline.io import write_text_atomic
+from pipeline.stages.configs import DistillConfig, PosttrainConfig, TeacherConfig, warmup_config
 
 DEMO = "demo"
+STAGE_NAMES = ("posttrain", "teacher", "warmup", "distill")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "runs"
     seed: int = 13
+    stages: str = "posttrain,teacher,distill"  # in order; any of posttrain, teacher, warmup, distill
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (Accelerate)
 
 
 @dataclass(frozen=True)
@@ -67,15 +71,29 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    warmup: DistillConfig = field(default_factory=warmup_config)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     demo: DemoSpec = field(default_factory=DemoSpec)  # used where data.path or model.name_or_path is "demo"
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
 
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.strip() for s in self.run.stages.split(",") if s.strip()]
+
 
 def _check_choices(config: PipelineConfig) -> None:
+    for name in config.stage_names:
+        if name not in STAGE_NAMES:
+            raise InputError(f"run.stages: unknown stage '{name}' (known: {', '.join(STAGE_NAMES)})")
     choices = {
+        "run.mixed_precision": (config.run.mixed_precision, ("no", "fp16", "bf16")),
+        "distill.attn_heads": (config.distill.attn_heads, ("mean", "max")),
+        "distill.attn_pairs": (config.distill.attn_pairs, ("positive", "all")),
         "model.pooling": (config.model.pooling, ("mean", "cls")),
         "eval.index.kind": (config.eval.index.kind, INDEX_KINDS),
     }
@@ -95,27 +113,28 @@ def _check_choices(config: PipelineConfig) -> None:
             raise InputError(f"{key}: must be >= 1, got {value}")
 
 
-def _build(cls: type, values: Any, where: str, source: str | None):
+def _build(default, values: Any, where: str, source: str | None):
+    """``default`` (a dataclass instance) updated by the nested mapping ``values``, type-checked."""
     if not isinstance(values, dict):
         raise InputError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}", source)
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(type(default))
+    known = {f.name for f in dataclasses.fields(default)}
     unknown = sorted(set(values) - known)
     if unknown:
         prefix = f"{where}." if where else ""
         raise InputError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})", source)
-    kwargs = {}
+    changes = {}
     for name, value in values.items():
         key, hint = f"{where}.{name}" if where else name, hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key, source)
+            changes[name] = _build(getattr(default, name), value, key, source)
         elif hint is float and isinstance(value, int) and not isinstance(value, bool):
-            kwargs[name] = float(value)
+            changes[name] = float(value)
         elif not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise InputError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}", source)
         else:
-            kwargs[name] = value
-    return cls(**kwargs)
+            changes[name] = value
+    return dataclasses.replace(default, **changes)
 
 
 def to_dict(config) -> dict:
@@ -152,7 +171,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if not sep or not key:
             raise InputError(f"override {item!r}: expected key.sub=value")
         _set(values, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    config = _build(PipelineConfig, values, "", None if path is None else os.fspath(path))
+    config = _build(PipelineConfig(), values, "", None if path is None else os.fspath(path))
     _check_choices(config)
     return config
 

@@ -1,33 +1,45 @@
-"""The pipeline's main job: prepare inputs, mine negatives, evaluate, report.
+"""The pipeline's main job: prepare inputs, then run the configured stages with one lifecycle.
 
-Stages (post-training, teacher, distillation) plug into this sequence; every step reads only what
-earlier steps wrote to the run directory.
+Every stage lives in ``<run dir>/<stage>-<hash>/`` where the hash covers the stage's config and
+everything upstream of it. A rerun skips finished stages (``DONE.json`` with the same hash),
+resumes an interrupted one from its last checkpoint, and trains a stage whose config changed in a
+new folder (and says so). Ablation variants share every stage whose hash is unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import shutil
 from pathlib import Path
 
-from accelerate import PartialState
+from accelerate import Accelerator
 
 from data.beir import BeirData, load_beir
 from data.demo import ensure_demo
 from data.errors import InputError
 from data.negatives import negatives_from_ranking
-from pipeline.config import DEMO, PipelineConfig, save_config
-from pipeline.evaluate import bm25_search, evaluate_bm25, evaluate_dense
-from pipeline.io import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from pipeline.report import metrics_table
+from pipeline.config import DEMO, PipelineConfig, save_config, to_dict
+from pipeline.evaluate import bm25_search, evaluate_dense
+from pipeline.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from pipeline.metrics import evaluate_ranking
+from pipeline.report import stage_table, write_report
+from pipeline.stages.common import StageContext
+from pipeline.stages.distill import needs, run_distill
+from pipeline.stages.posttrain import run_posttrain
+from pipeline.stages.teacher import run_teacher
 
 log = logging.getLogger(__name__)
+RUNNERS = {"posttrain": run_posttrain, "teacher": run_teacher, "warmup": run_distill, "distill": run_distill}
 
 
 def resolve_inputs(config: PipelineConfig) -> tuple[Path, str]:
     """(data dir, model name or path), building the embedded demo where ``demo`` is asked for."""
     data_path, model_path = config.data.path, config.model.name_or_path
     if DEMO in (data_path, model_path):
-        demo_data, demo_model = ensure_demo(config.run_dir / "demo_assets", config.demo)
+        demo_data, demo_model = ensure_demo(Path(config.run.output_dir) / "demo_assets", config.demo)
         data_path = str(demo_data) if data_path == DEMO else data_path
         model_path = str(demo_model) if model_path == DEMO else model_path
     return Path(data_path), model_path
@@ -36,6 +48,25 @@ def resolve_inputs(config: PipelineConfig) -> tuple[Path, str]:
 def load_data(config: PipelineConfig, data_dir: Path) -> BeirData:
     splits = tuple(dict.fromkeys((config.data.train_split, config.eval.split)))
     return load_beir(data_dir, splits)
+
+
+def check_model(config: PipelineConfig, model_path: str) -> None:
+    """Fail early, with one line, on a model that cannot be loaded."""
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+    from transformers import AutoConfig, AutoTokenizer
+
+    local = Path(model_path)
+    if model_path.startswith((".", "/", "~")) or local.exists():
+        if not (local / "config.json").is_file():
+            raise InputError("model not found (expected a folder with config.json)", model_path)
+    elif HF_HUB_OFFLINE:
+        raise InputError("not a local folder, and the hub is offline (HF_HUB_OFFLINE=1)", model_path)
+    try:
+        AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+        AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load model ({first_line})", model_path) from None
 
 
 def mine_bm25_negatives(config: PipelineConfig, data: BeirData, path: Path) -> dict[str, list[str]]:
@@ -51,52 +82,127 @@ def mine_bm25_negatives(config: PipelineConfig, data: BeirData, path: Path) -> d
     return negatives
 
 
-def load_encoder(config: PipelineConfig, model_path: str):
-    """The dual-encoder and tokenizer to start from; a path or id that cannot be loaded is an InputError."""
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-    from transformers import AutoTokenizer
-
-    from models.dual_encoder import DualEncoder
-
-    local = Path(model_path)
-    if model_path.startswith((".", "/", "~")) or local.exists():
-        if not (local / "config.json").is_file() and not (local / "dual_encoder.json").is_file():
-            raise InputError("model not found (expected a folder with config.json)", model_path)
-    elif HF_HUB_OFFLINE:
-        raise InputError("not a local folder, and the hub is offline (HF_HUB_OFFLINE=1)", model_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
-        model = DualEncoder.from_pretrained(
-            model_path,
-            pooling=config.model.pooling,
-            normalize=config.model.normalize,
-            trust_remote_code=config.model.trust_remote_code,
-        )
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot load model ({first_line})", model_path) from None
-    return model, tokenizer
+def _fingerprint(path: Path) -> list:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in files if p.exists()]
 
 
-def run(config: PipelineConfig) -> dict[str, dict[str, float]]:
-    """Run the pipeline for ``config``; returns the metrics of every evaluated model."""
-    state = PartialState()
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_plan(config: PipelineConfig) -> list[tuple[str, dict[str, str]]]:
+    """Each stage with the upstream stages it reads, by role: ``{"encoder": "posttrain", ...}``."""
+    names = config.stage_names
+    plan, seen = [], []
+    for name in names:
+        roles: dict[str, str] = {}
+        if name in ("posttrain", "teacher"):
+            if "posttrain" in seen:
+                roles["encoder"] = "posttrain"
+        else:
+            upstream_de = [s for s in ("warmup", "posttrain") if s in seen and s != name]
+            if upstream_de:
+                roles["dual_encoder"] = upstream_de[0]
+            weights = dataclasses.asdict(getattr(config, name).weights)
+            if needs(weights)["ce"]:
+                teacher = [s for s in ("warmup", "teacher") if s in seen and s != name]
+                if not teacher:
+                    raise InputError(f"run.stages: '{name}' needs a cross-encoder, so a 'teacher' stage must come before it")
+                roles["cross_encoder"] = teacher[0]
+        plan.append((name, roles))
+        seen.append(name)
+    return plan
+
+
+def _input_folder(role: str, upstream: str, stage_dir: Path) -> Path:
+    final = stage_dir / "final"
+    if upstream == "warmup":
+        return final / ("cross_encoder" if role == "cross_encoder" else "dual_encoder")
+    return final
+
+
+def run(config: PipelineConfig, only: list[str] | None = None, variant: str = "") -> dict[str, dict]:
+    """Run (or resume) ``config``'s stages; ``only`` reruns just those, reading the others' ``final/``.
+
+    Returns ``{stage: {model: metrics}}``, stage by stage.
+    """
     run_dir = config.run_dir
     data_dir, model_path = resolve_inputs(config)
     data = load_data(config, data_dir)
-    model, tokenizer = load_encoder(config, model_path)
-    save_config(config, run_dir / "config.yaml")
-    negatives = mine_bm25_negatives(config, data, run_dir / "negatives" / "bm25.jsonl")
-    log.info("mined BM25 negatives for %d training queries", len(negatives))
+    check_model(config, model_path)
+    plan = stage_plan(config)
+    for name in only or []:
+        if name not in config.stage_names:
+            raise InputError(f"--stages: '{name}' is not in run.stages ({config.run.stages})")
+    accelerator = Accelerator(mixed_precision=config.run.mixed_precision)
+    if accelerator.is_main_process:
+        save_config(config, run_dir / (f"config-{variant}.yaml" if variant else "config.yaml"))
 
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+    negatives = mine_bm25_negatives(config, data, run_dir / "negatives" / "bm25.jsonl")
     split = config.eval.split
-    results = {"bm25": evaluate_bm25(data, split, config.negatives.bm25, config.eval.top_k)}
-    model.to(state.device).eval()
-    results["dual-encoder (initial)"] = evaluate_dense(
-        model, tokenizer, data, config.eval, device=state.device, show_progress=True
-    )
-    write_json_atomic(run_dir / "eval" / "metrics.json", results)
-    table = metrics_table(list(results.items()))
-    write_text_atomic(run_dir / "report.md", f"# Run {config.run.name}\n\nEvaluation on `{split}`.\n\n{table}\n")
-    print(table)
+    bm25_ranking = bm25_search(data, data.judged_queries(split), config.negatives.bm25, config.eval.top_k)
+    results: dict[str, dict] = {"bm25": {"bm25": evaluate_ranking(data.qrels[split], bm25_ranking)}}
+    results["initial"] = {"dual-encoder": _evaluate_initial(config, model_path, tokenizer, data, accelerator)}
+
+    base = {"data": _fingerprint(data_dir), "model": model_path, "model_files": _fingerprint(Path(model_path)),
+            "seed": config.run.seed, **{k: to_dict(config)[k] for k in ("data", "model", "negatives", "eval")}}
+    hashes: dict[str, str] = {}
+    dirs: dict[str, Path] = {}
+    for name, roles in plan:
+        digest = _digest({"stage": name, "config": to_dict(getattr(config, name)), "base": base,
+                          "inputs": {role: hashes[up] for role, up in roles.items()}})
+        hashes[name] = digest
+        stage_dir = run_dir / f"{name}-{digest[:8]}"
+        dirs[name] = stage_dir
+        done = stage_dir / "DONE.json"
+        rerun = only is not None and name in only
+        if done.exists() and not rerun:
+            log.info("stage %s: finished earlier (%s), skipped", name, stage_dir.name)
+            results[name] = json.loads((stage_dir / "eval" / "metrics.json").read_text())
+            continue
+        if only is not None and not rerun:
+            raise InputError(f"--stages: '{name}' has not finished with this config; run it first")
+        if rerun and stage_dir.exists() and accelerator.is_main_process:
+            shutil.rmtree(stage_dir)
+        accelerator.wait_for_everyone()
+        _report_changed_config(run_dir, name, stage_dir)
+        inputs = {role: _input_folder(role, up, dirs[up]) for role, up in roles.items()}
+        inputs.setdefault("encoder", Path(model_path))
+        inputs.setdefault("dual_encoder", inputs["encoder"])
+        for role, up in roles.items():
+            if not (dirs[up] / "DONE.json").exists():
+                raise InputError(f"stage {name} needs {up}, which has not finished", dirs[up])
+        log.info("stage %s: %s", name, "resuming" if (stage_dir / "checkpoints").exists() else "starting")
+        ctx = StageContext(config=config, accelerator=accelerator, data=data, tokenizer=tokenizer, negatives=negatives,
+                           stage_dir=stage_dir, inputs={k: str(v) for k, v in inputs.items()},
+                           bm25_test_ranking=bm25_ranking)
+        metrics = RUNNERS[name](ctx, getattr(config, name))
+        if accelerator.is_main_process:
+            write_json_atomic(stage_dir / "eval" / "metrics.json", metrics)
+            write_json_atomic(done, {"stage": name, "hash": digest, "inputs": {r: hashes[u] for r, u in roles.items()}})
+        accelerator.wait_for_everyone()
+        results[name] = metrics
+    if accelerator.is_main_process:
+        write_report(run_dir, results, {name: dirs[name] for name, _ in plan}, variant)
+        print(stage_table(results))
     return results
+
+
+def _evaluate_initial(config, model_path, tokenizer, data, accelerator) -> dict[str, float]:
+    from models.dual_encoder import DualEncoder
+
+    model = DualEncoder.from_pretrained(model_path, pooling=config.model.pooling, normalize=config.model.normalize,
+                                        trust_remote_code=config.model.trust_remote_code)
+    return evaluate_dense(model.to(accelerator.device).eval(), tokenizer, data, config.eval, device=accelerator.device)
+
+
+def _report_changed_config(run_dir: Path, name: str, stage_dir: Path) -> None:
+    others = [p for p in run_dir.glob(f"{name}-*") if p != stage_dir and (p / "DONE.json").exists()]
+    if others:
+        log.warning("stage %s: its config or inputs differ from the finished %s; training anew in %s",
+                    name, ", ".join(p.name for p in others), stage_dir.name)

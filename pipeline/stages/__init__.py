@@ -1,0 +1,1 @@
+"""Stage kinds: ``posttrain``, ``teacher`` and ``distill`` (``warmup`` is a distill stage)."""

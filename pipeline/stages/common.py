@@ -1,0 +1,100 @@
+"""What every stage receives, and the evaluation helpers they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from data.beir import BeirData
+from data.collate import SpecialTokens, cross_inputs, encoder_inputs
+from pipeline.batches import TokenizedText
+from pipeline.config import PipelineConfig
+from pipeline.evaluate import dense_search
+from pipeline.metrics import Ranking, evaluate_ranking
+
+RERANK_DEPTH = 100
+
+
+@dataclass
+class StageContext:
+    """Inputs of one stage run: nothing else is read."""
+
+    config: PipelineConfig
+    accelerator: Accelerator
+    data: BeirData
+    tokenizer: object
+    negatives: dict[str, list[str]]
+    stage_dir: Path
+    inputs: dict[str, Path]  # role ("encoder", "cross_encoder", "dual_encoder") -> folder to load
+    bm25_test_ranking: Ranking
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def train_special(self) -> SpecialTokens:
+        return SpecialTokens.from_tokenizer(self.tokenizer)
+
+    def train_text(self) -> TokenizedText:
+        split = self.config.data.train_split
+        return TokenizedText(self.tokenizer, self.data, self.data.judged_queries(split),
+                             self.config.eval.query_max_len, self.config.eval.passage_max_len)
+
+
+def evaluate_dual_encoder(ctx: StageContext, model) -> tuple[dict[str, float], Ranking]:
+    model.eval()
+    query_ids = ctx.data.judged_queries(ctx.config.eval.split)
+    ranking = dense_search(model.encode_queries, model.encode_passages, ctx.tokenizer, ctx.data, query_ids,
+                           ctx.config.eval, device=ctx.device)
+    return evaluate_ranking(ctx.data.qrels[ctx.config.eval.split], ranking), ranking
+
+
+@torch.inference_mode()
+def rerank(ctx: StageContext, candidates: Ranking, score_pairs) -> dict[str, float]:
+    """Re-rank each query's top ``RERANK_DEPTH`` candidates with ``score_pairs(q_ids, p_ids) -> (N,)``."""
+    split = ctx.config.eval.split
+    text = TokenizedText(ctx.tokenizer, ctx.data, ctx.data.judged_queries(split),
+                         ctx.config.eval.query_max_len, ctx.config.eval.passage_max_len)
+    reranked: Ranking = {}
+    for qid, docs in candidates.items():
+        docs = docs[:RERANK_DEPTH]
+        scores = []
+        for start in range(0, len(docs), ctx.config.eval.batch_size):
+            chunk = docs[start : start + ctx.config.eval.batch_size]
+            scores.append(score_pairs([text.queries[qid]] * len(chunk), [text.passages[d] for d in chunk]).float().cpu())
+        order = np.argsort(-torch.cat(scores).numpy(), kind="stable")
+        reranked[qid] = [docs[i] for i in order]
+    return evaluate_ranking(ctx.data.qrels[split], reranked)
+
+
+def cross_encoder_scorer(ctx: StageContext, cross_encoder):
+    cross_encoder.eval()
+    special = ctx.train_special()
+
+    def score(q_ids, p_ids):
+        batch = {k: v.to(ctx.device) for k, v in cross_inputs(q_ids, p_ids, special).items()}
+        return cross_encoder(batch).scores
+
+    return score
+
+
+def colbert_scorer(ctx: StageContext, dual_encoder, colbert):
+    from models.scoring import maxsim_paired
+
+    dual_encoder.eval(), colbert.eval()
+    special = ctx.train_special()
+
+    def tokens(ids, side):
+        batch = {k: v.to(ctx.device) for k, v in encoder_inputs(ids, special).items()}
+        hidden = None if colbert.encoder is not None else dual_encoder(batch, side=side).last_hidden_state
+        return colbert(batch, last_hidden_state=hidden)
+
+    def score(q_ids, p_ids):
+        q, p = tokens(q_ids, "query"), tokens(p_ids, "passage")
+        return maxsim_paired(q.tokens, q.mask, p.tokens, p.mask)
+
+    return score

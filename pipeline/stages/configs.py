@@ -1,0 +1,80 @@
+"""Typed configuration of each stage kind (composed into ``PipelineConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.train import TrainConfig
+
+DISTILL_TERMS = ("ce", "col", "de", "kl_ce_col", "kl_col_de", "kl_ce_de", "attn", "dualreg")
+POSTTRAIN_TERMS = ("mlm", "simcse", "mirror")
+
+
+@dataclass(frozen=True)
+class PosttrainConfig:
+    """MLM on the corpus, optionally with SimCSE (dropout views) or Mirror-BERT (plus span masking)."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=5e-4))
+    batch_size: int = 32
+    mlm: float = 1.0
+    simcse: float = 0.0
+    mirror: float = 0.0
+    mlm_probability: float = 0.15
+    simcse_tau: float = 0.05
+    mirror_tau: float = 0.04
+    mirror_span: int = 5
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Cross-encoder on (query, positive, BM25 negatives) groups with the listwise ``ce`` loss."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4))
+    batch_size: int = 8
+    group_size: int = 8
+    tau: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weight of every distillation term; 0 removes the term and the work it needs."""
+
+    ce: float = 1.0
+    col: float = 1.0
+    de: float = 1.0
+    kl_ce_col: float = 1.0
+    kl_col_de: float = 1.0
+    kl_ce_de: float = 1.0
+    attn: float = 1.0
+    dualreg: float = 1.0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Cascaded CE -> ColBERT -> DE distillation, trained jointly ("on the fly").
+
+    Candidates C(q) for the KL terms are each query's group; the ``de`` term also sees every
+    passage in the batch when ``in_batch``.
+    """
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4))
+    batch_size: int = 8
+    group_size: int = 8
+    weights: LossWeights = field(default_factory=LossWeights)
+    in_batch: bool = True
+    tau_de: float = 0.05
+    tau_col: float = 1.0
+    tau_ce: float = 1.0
+    tau_attn: float = 1.0
+    kl_temperature_squared: bool = False
+    freeze_teacher: bool = False
+    colbert_dim: int = 128
+    attn_layer: int = -1
+    attn_heads: str = "mean"  # "mean" or "max"
+    attn_pairs: str = "positive"  # "positive" or "all"
+
+
+def warmup_config() -> DistillConfig:
+    """ERNIE-Search's CE -> DE stage before the cascade: the dual-encoder learns from the CE alone."""
+    off = dict(col=0.0, kl_ce_col=0.0, kl_col_de=0.0, attn=0.0)
+    return DistillConfig(weights=LossWeights(**off))

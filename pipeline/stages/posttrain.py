@@ -1,0 +1,66 @@
+"""``posttrain``: continue pre-training the encoder on the corpus (MLM, optional SimCSE / Mirror-BERT)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForMaskedLM
+
+from losses import infonce_loss, mask_random_span, mask_tokens, mlm_loss
+from models.dual_encoder import DualEncoder, pool
+from models.encoder import model_inputs
+from pipeline.batches import PassageBatches
+from pipeline.stages.common import StageContext, evaluate_dual_encoder
+from pipeline.stages.configs import PosttrainConfig
+from pipeline.train import train
+
+
+def _special_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    lengths = batch["lengths"].unsqueeze(1)  # (B, 1)
+    positions = torch.arange(batch["input_ids"].shape[1], device=lengths.device)  # (T,)
+    real = (positions >= 1) & (positions <= lengths)  # (B, T): content tokens only
+    return ~real
+
+
+def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[str, float]]:
+    model = AutoModelForMaskedLM.from_pretrained(ctx.inputs["encoder"], trust_remote_code=ctx.config.model.trust_remote_code)
+    batches = PassageBatches(ctx.train_text(), stage.batch_size, ctx.config.run.seed)
+    tokenizer, pooling = ctx.tokenizer, ctx.config.model.pooling
+    weights = {"mlm": stage.mlm, "simcse": stage.simcse, "mirror": stage.mirror}
+
+    def step(item) -> dict[str, torch.Tensor]:
+        inputs, seed = item
+        batch = {k: v.to(ctx.device) for k, v in inputs.items()}
+        special = _special_mask(batch)
+        generator = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
+        terms = {}
+        if stage.mlm:
+            masked, labels = mask_tokens(batch["input_ids"], special, len(tokenizer), tokenizer.mask_token_id,
+                                         generator, mlm_probability=stage.mlm_probability)
+            logits = model(**model_inputs(model, {**batch, "input_ids": masked})).logits  # (B, T, V)
+            terms["mlm"] = mlm_loss(logits, labels)
+        if stage.simcse or stage.mirror:
+            encoder = model.base_model
+
+            def view(input_ids):
+                hidden = encoder(**model_inputs(encoder, {**batch, "input_ids": input_ids})).last_hidden_state
+                return pool(hidden, batch["attention_mask"], pooling)  # (B, H)
+
+            first = view(batch["input_ids"])
+            if stage.simcse:
+                terms["simcse"] = infonce_loss(first, view(batch["input_ids"]), tau=stage.simcse_tau)
+            if stage.mirror:
+                spans = mask_random_span(batch["input_ids"], special, tokenizer.mask_token_id, generator,
+                                         span_length=stage.mirror_span)
+                terms["mirror"] = infonce_loss(first, view(spans), tau=stage.mirror_tau)
+        return terms
+
+    train(ctx.accelerator, model, step, batches.batch_at, batches.per_epoch,
+          {k: v for k, v in weights.items() if v}, stage.train, ctx.stage_dir)
+    final = ctx.stage_dir / "final"
+    if ctx.accelerator.is_main_process:
+        ctx.accelerator.unwrap_model(model).save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    ctx.accelerator.wait_for_everyone()
+    encoder = DualEncoder.from_pretrained(final, pooling=pooling, normalize=ctx.config.model.normalize).to(ctx.device)
+    metrics, _ = evaluate_dual_encoder(ctx, encoder)
+    return {"dual-encoder": metrics}

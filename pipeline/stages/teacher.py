@@ -1,0 +1,37 @@
+"""``teacher``: a cross-encoder trained on (query, positive, BM25 negatives) groups."""
+
+from __future__ import annotations
+
+import torch
+
+from data.groups import TrainGroups
+from losses import contrastive_loss
+from models.cross_encoder import CrossEncoder
+from pipeline.batches import GroupBatches
+from pipeline.stages.common import StageContext, cross_encoder_scorer, rerank
+from pipeline.stages.configs import TeacherConfig
+from pipeline.train import train
+
+
+def training_groups(ctx: StageContext, group_size: int) -> TrainGroups:
+    split = ctx.config.data.train_split
+    return TrainGroups(ctx.data.qrels[split], ctx.negatives, ctx.data.corpus["_id"], group_size, ctx.config.run.seed)
+
+
+def run_teacher(ctx: StageContext, stage: TeacherConfig) -> dict[str, dict[str, float]]:
+    model = CrossEncoder.from_pretrained(ctx.inputs["encoder"], trust_remote_code=ctx.config.model.trust_remote_code)
+    batches = GroupBatches(training_groups(ctx, stage.group_size), ctx.train_text(), stage.batch_size, with_pairs=True)
+
+    def step(batch) -> dict[str, torch.Tensor]:
+        batch = batch.to(ctx.device)
+        scores = model(batch.pairs).scores.view(-1, batch.group_size)  # (Q, G)
+        labels = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+        return {"ce": contrastive_loss(scores, labels, stage.tau)}
+
+    train(ctx.accelerator, model, step, batches.batch_at, batches.per_epoch, {"ce": 1.0}, stage.train, ctx.stage_dir)
+    model = ctx.accelerator.unwrap_model(model)
+    if ctx.accelerator.is_main_process:
+        model.save_pretrained(ctx.stage_dir / "final", ctx.tokenizer)
+    ctx.accelerator.wait_for_everyone()
+    # No dual-encoder has been trained yet: the teacher re-ranks BM25's top 100.
+    return {"cross-encoder (re-rank BM25 top 100)": rerank(ctx, ctx.bm25_test_ranking, cross_encoder_scorer(ctx, model))}

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from data.beir import BeirData, load_beir
 from data.demo import ensure_demo
@@ -178,6 +179,8 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
             if not (dirs[up] / "DONE.json").exists():
                 raise InputError(f"stage {name} needs {up}, which has not finished", dirs[up])
         log.info("stage %s: %s", name, "resuming" if (stage_dir / "checkpoints").exists() else "starting")
+        # A stage's randomness depends on its seed alone, not on what ran before in this process.
+        set_seed(config.run.seed + int(digest[:8], 16) % 1000)
         ctx = StageContext(config=config, accelerator=accelerator, data=data, tokenizer=tokenizer, negatives=negatives,
                            stage_dir=stage_dir, inputs={k: str(v) for k, v in inputs.items()},
                            bm25_test_ranking=bm25_ranking)

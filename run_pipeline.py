@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "other stages' final/ outputs; stages: posttrain, teacher, warmup, distill")
     parser.add_argument("--ablate", help="also run a variant with these distill terms switched off "
                         "(comma-separated; terms: ce, col, de, kl_ce_col, kl_col_de, kl_ce_de, attn, dualreg)")
+    parser.add_argument("--variants", help="YAML file mapping variant names to lists of terms to switch off; "
+                        "runs them all and ends with one comparison table (ablation.md)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
@@ -46,14 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     try:
         from pipeline.config import load_config
-        from pipeline.ablation import run_ablation
+        from pipeline.ablation import load_variants, run_ablation
         from pipeline.run import run
 
         config = load_config(args.config, args.overrides)
         only = args.stages.split(",") if args.stages else None
-        run(config, only)
+        variants = load_variants(args.variants) if args.variants else {}
         if args.ablate:
-            run_ablation(config, args.ablate.split(","), only)
+            variants["no-" + "-".join(args.ablate.split(","))] = args.ablate.split(",")
+        if variants:
+            run_ablation(config, variants, only)
+        else:
+            run(config, only)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

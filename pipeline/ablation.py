@@ -25,14 +25,38 @@ def ablated(config: PipelineConfig, terms: list[str]) -> PipelineConfig:
     )
 
 
-def run_ablation(config: PipelineConfig, terms: list[str], only: list[str] | None = None) -> dict:
-    """Run the variant (finished shared stages are skipped) and write ``ablation.md`` comparing it."""
-    name = "no-" + "-".join(terms)
-    variants = {"full": run(config, only), name: run(ablated(config, terms), only, variant=name)}
+def load_variants(path: str) -> dict[str, list[str]]:
+    """A YAML mapping ``variant name -> [terms switched off]``, checked."""
+    import yaml
+
+    try:
+        variants = yaml.safe_load(open(path, encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"cannot read variants file ({e.strerror})", path) from None
+    except yaml.YAMLError as e:
+        raise InputError(f"invalid YAML ({getattr(e, 'problem', e)})", path) from None
+    if not isinstance(variants, dict) or not all(
+        isinstance(terms, list) and all(isinstance(t, str) for t in terms) for terms in variants.values()
+    ):
+        raise InputError("expected a mapping of variant name to a list of terms to switch off", path)
+    for terms in variants.values():
+        ablated(PipelineConfig(), terms)  # unknown terms fail here, before anything runs
+    return {str(name): terms for name, terms in variants.items()}
+
+
+def run_ablation(config: PipelineConfig, variants: dict[str, list[str]], only: list[str] | None = None) -> dict:
+    """Run the full pipeline and every variant (shared stages run once); write ``ablation.md``.
+
+    The table compares the last stage's models, variant by variant, like a paper's ablation table.
+    """
+    results = {"full": run(config, only)}
+    for name, terms in variants.items():
+        results[name] = run(ablated(config, terms), only, variant=name)
     last = config.stage_names[-1]
-    rows = [(f"{variant} / {model}", metrics) for variant, results in variants.items()
-            for model, metrics in results[last].items()]
+    rows = [(f"{variant} / {model}", metrics) for variant, stages in results.items()
+            for model, metrics in stages[last].items()]
     table = metrics_table(rows, ("ndcg@10", "mrr@10", "recall@100"))
-    write_text_atomic(config.run_dir / "ablation.md", f"# Ablation: {', '.join(terms)} off (stage {last})\n\n{table}\n")
+    off = "; ".join(f"{name}: {', '.join(terms)} off" for name, terms in variants.items())
+    write_text_atomic(config.run_dir / "ablation.md", f"# Ablation (stage {last})\n\n{off}\n\n{table}\n")
     print(table)
-    return variants
+    return results

@@ -113,7 +113,7 @@ def test_ablation_shares_upstream_stages_and_never_computes_switched_off_terms(t
 
     real_record = ce_module.AttentionProbe.record
     monkeypatch.setattr(ce_module.AttentionProbe, "record", lambda self: probe_calls.append(1) or real_record(self))
-    run_ablation(config, ["attn", "dualreg"])
+    run_ablation(config, {"no-attn-dualreg": ["attn", "dualreg"]})
     assert {n: (stage_dir(config, n) / "DONE.json").stat().st_mtime_ns for n in upstream} == upstream
     assert len(list(config.run_dir.glob("distill-*"))) == 2
     assert seen and all("attn" not in terms and "dualreg" not in terms for terms, _, _ in seen)
@@ -124,3 +124,35 @@ def test_ablation_shares_upstream_stages_and_never_computes_switched_off_terms(t
     no_teacher = ablated(config, ["ce", "kl_ce_col", "kl_ce_de", "attn"])
     run(no_teacher, variant="no-ce")
     assert seen and all(ce_absent for _, _, ce_absent in seen)  # no cross-encoder at all
+
+
+def test_a_killed_process_resumes_to_the_same_weights_and_metrics(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    command = [sys.executable, str(ROOT / "run_pipeline.py"), f"run.output_dir={tmp_path}", *TINY]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert subprocess.run([*command, "run.name=straight"], timeout=300, **quiet).returncode == 0
+
+    victim = subprocess.Popen([*command, "run.name=killed"], **quiet)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "killed").glob("distill-*/checkpoints/step-4")):
+        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed = tiny_config(tmp_path, name="killed")
+    assert not (stage_dir(killed, "distill") / "DONE.json").exists()
+
+    assert subprocess.run([*command, "run.name=killed"], timeout=300, **quiet).returncode == 0
+    straight = tiny_config(tmp_path, name="straight")
+    metrics = lambda config: json.loads((stage_dir(config, "distill") / "eval" / "metrics.json").read_text())  # noqa: E731
+    assert metrics(killed) == metrics(straight)
+    for key, value in dual_encoder_weights(straight).items():
+        torch.testing.assert_close(value, dual_encoder_weights(killed)[key], rtol=0, atol=0)

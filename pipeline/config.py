@@ -21,10 +21,10 @@ from data.errors import InputError
 from pipeline.evaluate import EvalConfig
 from pipeline.faiss_index import INDEX_KINDS, IndexConfig
 from pipeline.io import write_text_atomic
-from pipeline.stages.configs import DistillConfig, PosttrainConfig, TeacherConfig, warmup_config
+from pipeline.stages.configs import DistillConfig, PosttrainConfig, RefreshConfig, TeacherConfig, warmup_config
 
 DEMO = "demo"
-STAGE_NAMES = ("posttrain", "teacher", "warmup", "distill")
+STAGE_NAMES = ("posttrain", "teacher", "warmup", "refresh", "distill")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "runs"
     seed: int = 13
-    stages: str = "posttrain,teacher,distill"  # in order; any of posttrain, teacher, warmup, distill
+    stages: str = "posttrain,teacher,distill"  # in order; any of posttrain, teacher, warmup, refresh, distill
     mixed_precision: str = "no"  # "no", "fp16" or "bf16" (Accelerate)
 
 
@@ -74,6 +74,7 @@ class PipelineConfig:
     posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     warmup: DistillConfig = field(default_factory=warmup_config)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     demo: DemoSpec = field(default_factory=DemoSpec)  # used where data.path or model.name_or_path is "demo"
 
@@ -106,6 +107,7 @@ def _check_choices(config: PipelineConfig) -> None:
         "eval.batch_size": config.eval.batch_size,
         "eval.top_k": config.eval.top_k,
         "negatives.depth": config.negatives.depth,
+        "refresh.depth": config.refresh.depth,
         "negatives.bm25.chunk_size": config.negatives.bm25.chunk_size,
     }
     for key, value in positive.items():

@@ -30,10 +30,12 @@ from pipeline.report import stage_table, write_report
 from pipeline.stages.common import StageContext
 from pipeline.stages.distill import needs, run_distill
 from pipeline.stages.posttrain import run_posttrain
+from pipeline.stages.refresh import NEGATIVES_FILE, run_refresh
 from pipeline.stages.teacher import run_teacher
 
 log = logging.getLogger(__name__)
-RUNNERS = {"posttrain": run_posttrain, "teacher": run_teacher, "warmup": run_distill, "distill": run_distill}
+RUNNERS = {"posttrain": run_posttrain, "teacher": run_teacher, "warmup": run_distill, "refresh": run_refresh,
+           "distill": run_distill}
 
 
 def resolve_inputs(config: PipelineConfig) -> tuple[Path, str]:
@@ -94,32 +96,31 @@ def _digest(obj) -> str:
 
 
 def stage_plan(config: PipelineConfig) -> list[tuple[str, dict[str, str]]]:
-    """Each stage with the upstream stages it reads, by role: ``{"encoder": "posttrain", ...}``."""
-    names = config.stage_names
+    """Each stage with the upstream stages it reads, by role: ``{"encoder": "posttrain", ...}``.
+
+    Roles: ``encoder`` (the post-trained encoder), ``dual_encoder`` (the latest trained one),
+    ``cross_encoder`` (the latest trained one) and ``negatives`` (the latest refresh, else BM25).
+    """
     plan, seen = [], []
-    for name in names:
-        roles: dict[str, str] = {}
-        if name in ("posttrain", "teacher"):
-            if "posttrain" in seen:
-                roles["encoder"] = "posttrain"
-        else:
-            upstream_de = [s for s in ("warmup", "posttrain") if s in seen and s != name]
-            if upstream_de:
-                roles["dual_encoder"] = upstream_de[0]
-            weights = dataclasses.asdict(getattr(config, name).weights)
-            if needs(weights)["ce"]:
-                teacher = [s for s in ("warmup", "teacher") if s in seen and s != name]
-                if not teacher:
-                    raise InputError(f"run.stages: '{name}' needs a cross-encoder, so a 'teacher' stage must come before it")
-                roles["cross_encoder"] = teacher[0]
-        plan.append((name, roles))
+    for name in config.stage_names:
+        latest = lambda *kinds: next((s for s in reversed(seen) if s in kinds), None)  # noqa: E731
+        roles: dict[str, str | None] = {"encoder": latest("posttrain"), "negatives": latest("refresh")}
+        if name in ("warmup", "distill", "refresh"):
+            roles["dual_encoder"] = latest("warmup", "distill", "posttrain")
+        if name in ("warmup", "distill") and needs(dataclasses.asdict(getattr(config, name).weights))["ce"]:
+            roles["cross_encoder"] = latest("warmup", "distill", "teacher")
+            if roles["cross_encoder"] is None:
+                raise InputError(f"run.stages: '{name}' needs a cross-encoder, so a 'teacher' stage must come before it")
+        plan.append((name, {role: up for role, up in roles.items() if up is not None}))
         seen.append(name)
     return plan
 
 
 def _input_folder(role: str, upstream: str, stage_dir: Path) -> Path:
     final = stage_dir / "final"
-    if upstream == "warmup":
+    if role == "negatives":
+        return final / NEGATIVES_FILE
+    if upstream in ("warmup", "distill"):
         return final / ("cross_encoder" if role == "cross_encoder" else "dual_encoder")
     return final
 
@@ -181,7 +182,10 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
         log.info("stage %s: %s", name, "resuming" if (stage_dir / "checkpoints").exists() else "starting")
         # A stage's randomness depends on its seed alone, not on what ran before in this process.
         set_seed(config.run.seed + int(digest[:8], 16) % 1000)
-        ctx = StageContext(config=config, accelerator=accelerator, data=data, tokenizer=tokenizer, negatives=negatives,
+        stage_negatives = negatives
+        if "negatives" in inputs:
+            stage_negatives = {row["query_id"]: row["negatives"] for row in read_jsonl(inputs["negatives"])}
+        ctx = StageContext(config=config, accelerator=accelerator, data=data, tokenizer=tokenizer, negatives=stage_negatives,
                            stage_dir=stage_dir, inputs={k: str(v) for k, v in inputs.items()},
                            bm25_test_ranking=bm25_ranking)
         metrics = RUNNERS[name](ctx, getattr(config, name))

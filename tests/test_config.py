@@ -20,7 +20,7 @@ def test_saved_config_loads_back_identically(tmp_path):
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
     assert set(to_dict(config)) == {"run", "data", "model", "negatives", "eval", "posttrain", "teacher", "warmup",
-                                    "distill", "demo"}
+                                    "refresh", "distill", "demo"}
 
 
 @pytest.mark.parametrize(

@@ -156,3 +156,19 @@ def test_a_killed_process_resumes_to_the_same_weights_and_metrics(tmp_path):
     assert metrics(killed) == metrics(straight)
     for key, value in dual_encoder_weights(straight).items():
         torch.testing.assert_close(value, dual_encoder_weights(killed)[key], rtol=0, atol=0)
+
+
+def test_refresh_mines_dense_negatives_that_the_next_stage_trains_on(tmp_path):
+    from data.beir import load_beir
+
+    config = tiny_config(tmp_path, "run.stages=posttrain,teacher,refresh,distill", "refresh.depth=5")
+    run(config)
+    rows = [json.loads(line) for line in (stage_dir(config, "refresh") / "final" / "negatives.jsonl").read_text().splitlines()]
+    qrels = load_beir(tmp_path / "demo_assets" / "data", ("train",)).qrels["train"]
+    assert len(rows) == 24
+    for row in rows:
+        assert len(row["negatives"]) == 5
+        assert not set(row["negatives"]) & set(qrels[row["query_id"]])
+    done = json.loads((stage_dir(config, "distill") / "DONE.json").read_text())
+    refresh_hash = json.loads((stage_dir(config, "refresh") / "DONE.json").read_text())["hash"]
+    assert done["inputs"]["negatives"] == refresh_hash

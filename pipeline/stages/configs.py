@@ -78,3 +78,14 @@ def warmup_config() -> DistillConfig:
     """ERNIE-Search's CE -> DE stage before the cascade: the dual-encoder learns from the CE alone."""
     off = dict(col=0.0, kl_ce_col=0.0, kl_col_de=0.0, attn=0.0)
     return DistillConfig(weights=LossWeights(**off))
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    """Mine new hard negatives with the current dual-encoder through FAISS (RocketQA / ERNIE-Search).
+
+    The top ``skip_top`` non-relevant passages are skipped: they are often unlabelled positives.
+    """
+
+    depth: int = 30
+    skip_top: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -138,7 +139,11 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     for name in only or []:
         if name not in config.stage_names:
             raise InputError(f"--stages: '{name}' is not in run.stages ({config.run.stages})")
-    accelerator = Accelerator(mixed_precision=config.run.mixed_precision)
+    tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    accelerator = Accelerator(mixed_precision=config.run.mixed_precision, log_with=tracker,
+                              project_dir=str(run_dir / "tensorboard"))
+    if tracker:
+        accelerator.init_trackers(variant or config.run.name)
     if accelerator.is_main_process:
         save_config(config, run_dir / (f"config-{variant}.yaml" if variant else "config.yaml"))
 
@@ -194,6 +199,8 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
             write_json_atomic(done, {"stage": name, "hash": digest, "inputs": {r: hashes[u] for r, u in roles.items()}})
         accelerator.wait_for_everyone()
         results[name] = metrics
+    for open_tracker in accelerator.trackers:
+        open_tracker.finish()
     if accelerator.is_main_process:
         write_report(run_dir, results, {name: dirs[name] for name, _ in plan}, variant)
         print(stage_table(results))

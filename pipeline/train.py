@@ -164,7 +164,7 @@ def train(
         progress.update(1)
         if state.step % config.log_every == 0 or state.step == total_steps:
             record = {"step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **running}
-            _log(accelerator, log_path, record)
+            _log(accelerator, log_path, record, prefix=stage_dir.name.split("-")[0])
             progress.set_postfix(loss=f"{running['loss']:.4f}")
         running = {}
         if state.step % config.checkpoint_every == 0 and state.step < total_steps:
@@ -179,8 +179,8 @@ def _truncate_log(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def _log(accelerator: Accelerator, path: Path, record: dict) -> None:
-    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+def _log(accelerator: Accelerator, path: Path, record: dict, prefix: str) -> None:
+    accelerator.log({f"{prefix}/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:

@@ -29,8 +29,8 @@ class PosttrainConfig:
 class TeacherConfig:
     """Cross-encoder on (query, positive, BM25 negatives) groups with the listwise ``ce`` loss."""
 
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=5e-4))
-    batch_size: int = 8
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=1e-3, checkpoint_every=250))
+    batch_size: int = 16
     group_size: int = 4
     tau: float = 1.0
 
@@ -57,7 +57,7 @@ class DistillConfig:
     passage in the batch when ``in_batch``.
     """
 
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=5e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4, checkpoint_every=100))
     batch_size: int = 8
     group_size: int = 4
     weights: LossWeights = field(default_factory=LossWeights)

@@ -124,11 +124,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
+    texts = list(texts)
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
-    # The trainer numbers tokens in hash-map order, which changes between processes; renumber them
-    # canonically so the same texts always give the same ids (and the same trained models).
-    learned = sorted(set(tok.get_vocab()) - set(SPECIAL_TOKENS))
-    tok.model = models.WordPiece({t: i for i, t in enumerate(SPECIAL_TOKENS + learned)}, unk_token="[UNK]")
+    # The trainer breaks ties in hash-map order, which changes between processes, so the learned
+    # intermediate pieces and all ids vary from run to run. Keep what is determined by the texts
+    # (characters, and the whole words the trainer completed) and number it canonically, so the
+    # same texts always give the same tokenizer and the same trained models.
+    learned = set(tok.get_vocab()) - set(SPECIAL_TOKENS)
+    words = {w for text in texts for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))}
+    kept = sorted(t for t in learned if len(t.removeprefix("##")) == 1 or t in words)
+    tok.model = models.WordPiece({t: i for i, t in enumerate(SPECIAL_TOKENS + kept)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

@@ -26,3 +26,22 @@ def test_demo_is_reused_when_unchanged(demo_dirs):
     spec = DemoSpec(**{k: v for k, v in json.loads(marker.read_text()).items() if k != "version"})
     assert ensure_demo(data_dir.parent, spec) == (data_dir, model_dir)
     assert marker.stat().st_mtime_ns == before
+
+
+def test_tokenizer_is_identical_across_processes():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    script = (
+        "from data.demo import DemoSpec, generate_beir, train_tokenizer\n"
+        "corpus, queries, _ = generate_beir(DemoSpec(n_entities=20))\n"
+        "texts = [r['title'] + ' ' + r['text'] for r in corpus] + [r['text'] for r in queries]\n"
+        "print(train_tokenizer(texts, 2000).backend_tokenizer.to_str())\n"
+    )
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        for _ in range(3)
+    }
+    assert len(outputs) == 1

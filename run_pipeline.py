@@ -13,6 +13,7 @@ import logging
 import sys
 
 from data.errors import InputError
+from pipeline.train import TrainingDiverged
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -29,3 +31,19 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a staging folder that replaces ``path`` only once the block has finished.
+
+    A crash inside the block leaves ``path`` as it was (or absent), never half-written.
+    """
+    staging = path.with_name(f".{path.name}.tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    yield staging
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(staging, path)

@@ -53,7 +53,7 @@ def _plot_losses(records: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    terms = [k for k in records[0] if k not in ("step", "epoch", "lr")] if records else []
+    terms = [k for k in records[0] if k not in ("step", "epoch", "lr", "skipped_steps")] if records else []
     fig, ax = plt.subplots(figsize=(7, 4))
     for term in terms:
         ax.plot([r["step"] for r in records], [r[term] for r in records], label=term)

@@ -185,8 +185,9 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
             if not (dirs[up] / "DONE.json").exists():
                 raise InputError(f"stage {name} needs {up}, which has not finished", dirs[up])
         log.info("stage %s: %s", name, "resuming" if (stage_dir / "checkpoints").exists() else "starting")
-        # A stage's randomness depends on its seed alone, not on what ran before in this process.
-        set_seed(config.run.seed + int(digest[:8], 16) % 1000)
+        # A stage's randomness depends on the run seed and its name alone: not on what ran before
+        # in this process, nor on where the files live.
+        set_seed(config.run.seed + int(hashlib.sha256(name.encode()).hexdigest()[:6], 16) % 1000)
         stage_negatives = negatives
         if "negatives" in inputs:
             stage_negatives = {row["query_id"]: row["negatives"] for row in read_jsonl(inputs["negatives"])}

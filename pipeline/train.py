@@ -27,6 +27,10 @@ StepFn = Callable[[Any], dict[str, torch.Tensor]]
 _CHECKPOINT = re.compile(r"^step-(\d+)$")
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation of one stage; ``batch_at`` yields one micro-batch per call."""
@@ -41,6 +45,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 50  # optimizer steps
     keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -58,8 +63,10 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 class TrainState:
     """Where training stands: saved next to every checkpoint, read back on resume."""
 
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # optimizer steps taken (skipped ones included, so the schedule and data stay aligned)
     micro_step: int = 0  # micro-batches consumed, across epochs
+    skipped_steps: int = 0  # steps dropped for a non-finite loss or gradient
+    bad_in_a_row: int = 0
 
     def position(self, batches_per_epoch: int) -> tuple[int, int]:
         return divmod(self.micro_step, batches_per_epoch)
@@ -142,6 +149,7 @@ def train(
     model.train()
     progress = tqdm(total=total_steps, initial=state.step, desc=stage_dir.name, disable=not accelerator.is_main_process)
     running: dict[str, float] = {}
+    bad_step = False
     while state.step < total_steps:
         epoch, index = state.position(batches_per_epoch)
         terms = step_fn(batch_at(epoch, index))
@@ -149,21 +157,39 @@ def train(
         if unknown:
             raise RuntimeError(f"step returned terms with no weight: {unknown}")
         loss = sum(weights[name] * value for name, value in terms.items())
-        accelerator.backward(loss / config.grad_accum)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            accelerator.backward(loss / config.grad_accum)
+        bad_step = bad_step or not finite
         for name, value in {"loss": loss, **terms}.items():
             running[name] = running.get(name, 0.0) + float(value.detach()) / config.grad_accum
         state.micro_step += 1
         if state.micro_step % config.grad_accum:
             continue
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+        bad_step = bad_step or not bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if bad_step:
+            state.skipped_steps += 1
+            state.bad_in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)",
+                        state.step + 1, state.bad_in_a_row, state.skipped_steps)
+            if state.bad_in_a_row >= config.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{stage_dir.name}: {state.bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                    f"(max_bad_steps={config.max_bad_steps}); the last good checkpoint is kept in "
+                    f"{checkpoint_dir}. Lower the learning rate or check the data."
+                )
+        else:
+            optimizer.step()
+            state.bad_in_a_row = 0
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        bad_step = False
         state.step += 1
         progress.update(1)
         if state.step % config.log_every == 0 or state.step == total_steps:
-            record = {"step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], **running}
+            record = {"step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                      "skipped_steps": state.skipped_steps, **running}
             _log(accelerator, log_path, record, prefix=stage_dir.name.split("-")[0])
             progress.set_postfix(loss=f"{running['loss']:.4f}")
         running = {}

@@ -172,3 +172,11 @@ def test_refresh_mines_dense_negatives_that_the_next_stage_trains_on(tmp_path):
     done = json.loads((stage_dir(config, "distill") / "DONE.json").read_text())
     refresh_hash = json.loads((stage_dir(config, "refresh") / "DONE.json").read_text())["hash"]
     assert done["inputs"]["negatives"] == refresh_hash
+
+
+def test_same_seed_and_config_give_identical_metrics_in_another_folder(tmp_path):
+    first = run(tiny_config(tmp_path / "one", "run.stages=posttrain,distill", "distill.weights.ce=0",
+                            "distill.weights.kl_ce_col=0", "distill.weights.kl_ce_de=0", "distill.weights.attn=0"))
+    second = run(tiny_config(tmp_path / "two", "run.stages=posttrain,distill", "distill.weights.ce=0",
+                             "distill.weights.kl_ce_col=0", "distill.weights.kl_ce_de=0", "distill.weights.attn=0"))
+    assert first == second

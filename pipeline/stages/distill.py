@@ -19,6 +19,7 @@ from models.cross_encoder import CrossEncoder, query_passage_attention
 from models.dual_encoder import DualEncoder
 from models.scoring import maxsim_paired
 from pipeline.batches import GroupBatch, GroupBatches
+from pipeline.io import atomic_dir
 from pipeline.stages.common import StageContext, colbert_scorer, cross_encoder_scorer, evaluate_dual_encoder, rerank
 from pipeline.stages.configs import DistillConfig
 from pipeline.stages.teacher import training_groups
@@ -118,11 +119,12 @@ def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, 
     final = ctx.stage_dir / "final"
     if ctx.accelerator.is_main_process:
         max_len = ctx.config.eval.passage_max_len + 2
-        cascade.dual_encoder.save_pretrained(final / "dual_encoder", ctx.tokenizer, max_seq_length=max_len)
-        if col is not None:
-            cascade.colbert.save_pretrained(final / "colbert", ctx.tokenizer)
-        if ce is not None:
-            cascade.cross_encoder.save_pretrained(final / "cross_encoder", ctx.tokenizer)
+        with atomic_dir(final) as staging:
+            cascade.dual_encoder.save_pretrained(staging / "dual_encoder", ctx.tokenizer, max_seq_length=max_len)
+            if col is not None:
+                cascade.colbert.save_pretrained(staging / "colbert", ctx.tokenizer)
+            if ce is not None:
+                cascade.cross_encoder.save_pretrained(staging / "cross_encoder", ctx.tokenizer)
     ctx.accelerator.wait_for_everyone()
     metrics, ranking = evaluate_dual_encoder(ctx, cascade.dual_encoder)
     results = {"dual-encoder": metrics}

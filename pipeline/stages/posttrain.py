@@ -9,6 +9,7 @@ from losses import infonce_loss, mask_random_span, mask_tokens, mlm_loss
 from models.dual_encoder import DualEncoder, pool
 from models.encoder import model_inputs
 from pipeline.batches import PassageBatches
+from pipeline.io import atomic_dir
 from pipeline.stages.common import StageContext, evaluate_dual_encoder
 from pipeline.stages.configs import PosttrainConfig
 from pipeline.train import train
@@ -58,8 +59,9 @@ def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[s
           {k: v for k, v in weights.items() if v}, stage.train, ctx.stage_dir)
     final = ctx.stage_dir / "final"
     if ctx.accelerator.is_main_process:
-        ctx.accelerator.unwrap_model(model).save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        with atomic_dir(final) as staging:
+            ctx.accelerator.unwrap_model(model).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     ctx.accelerator.wait_for_everyone()
     encoder = DualEncoder.from_pretrained(final, pooling=pooling, normalize=ctx.config.model.normalize).to(ctx.device)
     metrics, _ = evaluate_dual_encoder(ctx, encoder)

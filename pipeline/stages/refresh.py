@@ -7,7 +7,7 @@ import dataclasses
 from data.negatives import negatives_from_ranking
 from models.dual_encoder import DualEncoder
 from pipeline.evaluate import dense_search
-from pipeline.io import write_jsonl_atomic
+from pipeline.io import atomic_dir, write_jsonl_atomic
 from pipeline.stages.common import StageContext, evaluate_dual_encoder
 from pipeline.stages.configs import RefreshConfig
 
@@ -28,6 +28,7 @@ def run_refresh(ctx: StageContext, stage: RefreshConfig) -> dict[str, dict[str, 
     mined = negatives_from_ranking(ranking, ctx.data.qrels[split], stage.skip_top + stage.depth)
     if ctx.accelerator.is_main_process:
         rows = ({"query_id": q, "negatives": mined[q][stage.skip_top :]} for q in query_ids)
-        write_jsonl_atomic(ctx.stage_dir / "final" / NEGATIVES_FILE, rows)
+        with atomic_dir(ctx.stage_dir / "final") as staging:
+            write_jsonl_atomic(staging / NEGATIVES_FILE, rows)
     ctx.accelerator.wait_for_everyone()
     return {"dual-encoder (mining)": evaluate_dual_encoder(ctx, model)[0]}

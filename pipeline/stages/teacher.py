@@ -8,6 +8,7 @@ from data.groups import TrainGroups
 from losses import contrastive_loss
 from models.cross_encoder import CrossEncoder
 from pipeline.batches import GroupBatches
+from pipeline.io import atomic_dir
 from pipeline.stages.common import StageContext, cross_encoder_scorer, rerank
 from pipeline.stages.configs import TeacherConfig
 from pipeline.train import train
@@ -31,7 +32,8 @@ def run_teacher(ctx: StageContext, stage: TeacherConfig) -> dict[str, dict[str, 
     train(ctx.accelerator, model, step, batches.batch_at, batches.per_epoch, {"ce": 1.0}, stage.train, ctx.stage_dir)
     model = ctx.accelerator.unwrap_model(model)
     if ctx.accelerator.is_main_process:
-        model.save_pretrained(ctx.stage_dir / "final", ctx.tokenizer)
+        with atomic_dir(ctx.stage_dir / "final") as staging:
+            model.save_pretrained(staging, ctx.tokenizer)
     ctx.accelerator.wait_for_everyone()
     # No dual-encoder has been trained yet: the teacher re-ranks BM25's top 100.
     return {"cross-encoder (re-rank BM25 top 100)": rerank(ctx, ctx.bm25_test_ranking, cross_encoder_scorer(ctx, model))}

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     for package in ("pipeline", "data", "models"):
         logging.getLogger(package).setLevel(logging.INFO)
     logging.getLogger("bm25s").setLevel(logging.ERROR)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     try:
         from pipeline.config import load_config
-        from pipeline.ablation import load_variants, run_ablation
+        from pipeline.ablation import ablated, load_variants, run_ablation
         from pipeline.run import run
 
         config = load_config(args.config, args.overrides)
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = load_variants(args.variants) if args.variants else {}
         if args.ablate:
             variants["no-" + "-".join(args.ablate.split(","))] = args.ablate.split(",")
+        for terms in variants.values():
+            ablated(config, terms)  # an unknown term fails here, before anything runs
         if variants:
             run_ablation(config, variants, only)
         else:

@@ -29,7 +29,7 @@ class EvalConfig:
 
     split: str = "test"
     query_max_len: int = 32
-    passage_max_len: int = 128
+    passage_max_len: int = 64  # demo passages are under 30 tokens; raise it for real corpora
     batch_size: int = 128
     top_k: int = 1000
     index: IndexConfig = IndexConfig()

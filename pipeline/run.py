@@ -66,11 +66,20 @@ def check_model(config: PipelineConfig, model_path: str) -> None:
     elif HF_HUB_OFFLINE:
         raise InputError("not a local folder, and the hub is offline (HF_HUB_OFFLINE=1)", model_path)
     try:
-        AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
-        AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load model ({first_line})", model_path) from None
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise InputError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: "
+                         "they do not belong together", model_path)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    longest = 3 + config.eval.query_max_len + config.eval.passage_max_len  # the cross-encoder's [CLS] q [SEP] p [SEP]
+    if positions is not None and longest > positions:
+        raise InputError(f"eval.query_max_len + eval.passage_max_len + 3 = {longest} exceeds the model's "
+                         f"max_position_embeddings ({positions})", model_path)
 
 
 def mine_bm25_negatives(config: PipelineConfig, data: BeirData, path: Path) -> dict[str, list[str]]:
@@ -132,6 +141,13 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     Returns ``{stage: {model: metrics}}``, stage by stage.
     """
     run_dir = config.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write the run directory ({e.strerror})", run_dir) from None
     data_dir, model_path = resolve_inputs(config)
     data = load_data(config, data_dir)
     check_model(config, model_path)

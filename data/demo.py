@@ -129,7 +129,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     # The trainer breaks ties in hash-map order, which changes between processes, so the learned
     # intermediate pieces and all ids vary from run to run. Keep what is determined by the texts
     # (characters, and the whole words the trainer completed) and number it canonically, so the
-    # same texts always give the same tokenizer and the same trained models.
+    # same texts always give the same tokenizer and the same trained models. (This holds when
+    # vocab_size lets the trainer complete every word, as the demo's default does.)
     learned = set(tok.get_vocab()) - set(SPECIAL_TOKENS)
     words = {w for text in texts for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))}
     kept = sorted(t for t in learned if len(t.removeprefix("##")) == 1 or t in words)

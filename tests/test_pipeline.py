@@ -12,7 +12,7 @@ from pipeline.config import load_config
 from pipeline.run import run
 
 TINY = [
-    "demo.n_entities=20", "demo.n_train_queries=24", "demo.n_test_queries=8", "demo.vocab_size=400",
+    "demo.n_entities=20", "demo.n_train_queries=24", "demo.n_test_queries=8", "demo.vocab_size=2000",
     "demo.hidden_size=32", "eval.top_k=100", "eval.passage_max_len=48",
     "posttrain.train.epochs=1", "posttrain.batch_size=16",
     "teacher.train.epochs=1", "teacher.batch_size=4", "teacher.group_size=3",

@@ -40,10 +40,19 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     A crash inside the block leaves ``path`` as it was (or absent), never half-written.
     """
     staging = path.with_name(f".{path.name}.tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
+    remove_tree(staging)
     staging.mkdir(parents=True)
     yield staging
-    if path.exists():
-        shutil.rmtree(path)
+    remove_tree(path)
     os.replace(staging, path)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder by renaming it away first, so a crash never leaves it half-deleted in place."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f".{path.name}.deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)

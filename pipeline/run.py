@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -25,7 +24,7 @@ from data.errors import InputError
 from data.negatives import negatives_from_ranking
 from pipeline.config import DEMO, PipelineConfig, save_config, to_dict
 from pipeline.evaluate import bm25_search, evaluate_dense
-from pipeline.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from pipeline.io import read_jsonl, remove_tree, write_json_atomic, write_jsonl_atomic
 from pipeline.metrics import evaluate_ranking
 from pipeline.report import stage_table, write_report
 from pipeline.stages.common import StageContext
@@ -191,7 +190,7 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
         if only is not None and not rerun:
             raise InputError(f"--stages: '{name}' has not finished with this config; run it first")
         if rerun and stage_dir.exists() and accelerator.is_main_process:
-            shutil.rmtree(stage_dir)
+            remove_tree(stage_dir)
         accelerator.wait_for_everyone()
         _report_changed_config(run_dir, name, stage_dir)
         inputs = {role: _input_folder(role, up, dirs[up]) for role, up in roles.items()}

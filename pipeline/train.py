@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from pipeline.io import write_json_atomic, write_text_atomic
+from pipeline.io import remove_tree, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 StepFn = Callable[[Any], dict[str, torch.Tensor]]
@@ -85,18 +84,17 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 def _save_checkpoint(accelerator: Accelerator, state: TrainState, checkpoint_dir: Path, keep: int) -> None:
     final = checkpoint_dir / f"step-{state.step}"
     staging = checkpoint_dir / f".tmp-step-{state.step}"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
+    if accelerator.is_main_process:
+        remove_tree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     if accelerator.is_main_process:
         write_json_atomic(staging / "train_state.json", vars(state))
-        if final.exists():
-            shutil.rmtree(final)
+        remove_tree(final)
         staging.rename(final)
         done = sorted((int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := _CHECKPOINT.match(p.name)))
         for _, old in done[:-keep]:
-            shutil.rmtree(old)
+            remove_tree(old)
     accelerator.wait_for_everyone()
 
 
@@ -143,8 +141,8 @@ def train(
         accelerator.load_state(str(resume_from))
         state = TrainState(**json.loads((resume_from / "train_state.json").read_text()))
         log.info("resumed from %s (step %d)", resume_from, state.step)
-        if accelerator.is_main_process and log_path.exists():
-            _truncate_log(log_path, state.step)
+    if accelerator.is_main_process and log_path.exists():
+        _truncate_log(log_path, state.step)
 
     model.train()
     progress = tqdm(total=total_steps, initial=state.step, desc=stage_dir.name, disable=not accelerator.is_main_process)
@@ -201,7 +199,13 @@ def train(
 
 def _truncate_log(path: Path, step: int) -> None:
     """Drop records written after the checkpoint we resume from, so no step is logged twice."""
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line torn by a crash
+            continue
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

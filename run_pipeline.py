@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     for package in ("pipeline", "data", "models"):
         logging.getLogger(package).setLevel(logging.INFO)
-    logging.getLogger("bm25s").setLevel(logging.ERROR)
+    for noisy in ("bm25s", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     import datasets
     import transformers
 

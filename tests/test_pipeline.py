@@ -180,3 +180,13 @@ def test_same_seed_and_config_give_identical_metrics_in_another_folder(tmp_path)
     second = run(tiny_config(tmp_path / "two", "run.stages=posttrain,distill", "distill.weights.ce=0",
                              "distill.weights.kl_ce_col=0", "distill.weights.kl_ce_de=0", "distill.weights.attn=0"))
     assert first == second
+
+
+def test_posttrain_with_simcse_and_mirror_bert_logs_every_term(tmp_path):
+    config = tiny_config(tmp_path, "run.stages=posttrain", "posttrain.simcse=0.5", "posttrain.mirror=0.5",
+                         "posttrain.train.log_every=1")
+    results = run(config)
+    log = [json.loads(line) for line in (stage_dir(config, "posttrain") / "train_log.jsonl").read_text().splitlines()]
+    assert {"mlm", "simcse", "mirror"} <= set(log[0])
+    assert all(r["loss"] == pytest.approx(r["mlm"] + 0.5 * r["simcse"] + 0.5 * r["mirror"], rel=1e-4) for r in log)
+    assert "dual-encoder" in results["posttrain"]

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Overrides are key.sub=value pairs over the config's fields (see configs/demo.yaml for every "
-        "field). Bad input exits with status 2 and a one-line error.",
+        "field). Bad input exits with status 2 and a one-line error; a run stopped by the numerical guard "
+        "exits with status 1.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (default: the built-in demo config)")

@@ -79,9 +79,8 @@ def dense_search(
     return ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
 
 
-def bm25_search(data: BeirData, query_ids: Sequence[str], config: BM25Config, top_k: int) -> Ranking:
-    """BM25 top-``top_k`` of each query over the whole corpus."""
-    index = BM25Index(data.passage_texts(), config)
+def bm25_search(index: BM25Index, data: BeirData, query_ids: Sequence[str], top_k: int) -> Ranking:
+    """BM25 top-``top_k`` of each query over the whole corpus indexed in ``index``."""
     scores, indices = index.search(data.query_texts(list(query_ids)), top_k)
     return ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
 
@@ -95,5 +94,5 @@ def evaluate_dense(model, tokenizer, data: BeirData, config: EvalConfig, **kw) -
 
 def evaluate_bm25(data: BeirData, split: str, config: BM25Config = BM25Config(), top_k: int = 1000) -> dict[str, float]:
     """The same metrics for BM25 on ``split``."""
-    ranking = bm25_search(data, data.judged_queries(split), config, top_k)
+    ranking = bm25_search(BM25Index(data.passage_texts(), config), data, data.judged_queries(split), top_k)
     return evaluate_ranking(data.qrels[split], ranking)

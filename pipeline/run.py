@@ -21,7 +21,8 @@ from accelerate.utils import set_seed
 from data.beir import BeirData, load_beir
 from data.demo import ensure_demo
 from data.errors import InputError
-from data.negatives import negatives_from_ranking
+from data.bm25 import BM25Index
+from data.negatives import mine_negatives
 from pipeline.config import DEMO, PipelineConfig, save_config, to_dict
 from pipeline.evaluate import bm25_search, evaluate_dense
 from pipeline.io import read_jsonl, remove_tree, write_json_atomic, write_jsonl_atomic
@@ -53,8 +54,8 @@ def load_data(config: PipelineConfig, data_dir: Path) -> BeirData:
     return load_beir(data_dir, splits)
 
 
-def check_model(config: PipelineConfig, model_path: str) -> None:
-    """Fail early, with one line, on a model that cannot be loaded."""
+def check_model(config: PipelineConfig, model_path: str):
+    """The model's tokenizer; fails early, with one line, on a model that cannot be used."""
     from huggingface_hub.constants import HF_HUB_OFFLINE
     from transformers import AutoConfig, AutoTokenizer
 
@@ -79,17 +80,17 @@ def check_model(config: PipelineConfig, model_path: str) -> None:
     if positions is not None and longest > positions:
         raise InputError(f"eval.query_max_len + eval.passage_max_len + 3 = {longest} exceeds the model's "
                          f"max_position_embeddings ({positions})", model_path)
+    return tokenizer
 
 
-def mine_bm25_negatives(config: PipelineConfig, data: BeirData, path: Path) -> dict[str, list[str]]:
+def mine_bm25_negatives(config: PipelineConfig, data: BeirData, index: BM25Index, path: Path) -> dict[str, list[str]]:
     """Top BM25 non-relevant passages of every training query, cached in ``path`` (JSONL)."""
     if path.exists():
         return {row["query_id"]: row["negatives"] for row in read_jsonl(path)}
     split = config.data.train_split
     query_ids = data.judged_queries(split)
-    most_positives = max(len(data.qrels[split][q]) for q in query_ids)
-    ranking = bm25_search(data, query_ids, config.negatives.bm25, config.negatives.depth + most_positives)
-    negatives = negatives_from_ranking(ranking, data.qrels[split], config.negatives.depth)
+    negatives = mine_negatives(data.qrels[split], query_ids, lambda qids, k: bm25_search(index, data, qids, k),
+                               config.negatives.depth)
     write_jsonl_atomic(path, ({"query_id": q, "negatives": negatives[q]} for q in query_ids))
     return negatives
 
@@ -149,7 +150,7 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
         raise InputError(f"cannot write the run directory ({e.strerror})", run_dir) from None
     data_dir, model_path = resolve_inputs(config)
     data = load_data(config, data_dir)
-    check_model(config, model_path)
+    tokenizer = check_model(config, model_path)
     plan = stage_plan(config)
     for name in only or []:
         if name not in config.stage_names:
@@ -162,17 +163,16 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     if accelerator.is_main_process:
         save_config(config, run_dir / (f"config-{variant}.yaml" if variant else "config.yaml"))
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
-    negatives = mine_bm25_negatives(config, data, run_dir / "negatives" / "bm25.jsonl")
+    bm25 = BM25Index(data.passage_texts(), config.negatives.bm25)
+    negatives = mine_bm25_negatives(config, data, bm25, run_dir / "negatives" / "bm25.jsonl")
     split = config.eval.split
-    bm25_ranking = bm25_search(data, data.judged_queries(split), config.negatives.bm25, config.eval.top_k)
+    bm25_ranking = bm25_search(bm25, data, data.judged_queries(split), config.eval.top_k)
     results: dict[str, dict] = {"bm25": {"bm25": evaluate_ranking(data.qrels[split], bm25_ranking)}}
-    results["initial"] = {"dual-encoder": _evaluate_initial(config, model_path, tokenizer, data, accelerator)}
 
     base = {"data": _fingerprint(data_dir), "model": model_path, "model_files": _fingerprint(Path(model_path)),
             "seed": config.run.seed, **{k: to_dict(config)[k] for k in ("data", "model", "negatives", "eval")}}
+    results["initial"] = {"dual-encoder": _evaluate_initial(config, model_path, tokenizer, data, accelerator,
+                                                            run_dir / f"initial-{_digest(base)[:8]}.json")}
     hashes: dict[str, str] = {}
     dirs: dict[str, Path] = {}
     for name, roles in plan:
@@ -223,12 +223,18 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     return results
 
 
-def _evaluate_initial(config, model_path, tokenizer, data, accelerator) -> dict[str, float]:
+def _evaluate_initial(config, model_path, tokenizer, data, accelerator, cache: Path) -> dict[str, float]:
+    """The starting encoder's metrics, computed once per model, data and config (variants share them)."""
+    if cache.exists():
+        return json.loads(cache.read_text())
     from models.dual_encoder import DualEncoder
 
     model = DualEncoder.from_pretrained(model_path, pooling=config.model.pooling, normalize=config.model.normalize,
                                         trust_remote_code=config.model.trust_remote_code)
-    return evaluate_dense(model.to(accelerator.device).eval(), tokenizer, data, config.eval, device=accelerator.device)
+    metrics = evaluate_dense(model.to(accelerator.device).eval(), tokenizer, data, config.eval, device=accelerator.device)
+    if accelerator.is_main_process:
+        write_json_atomic(cache, metrics)
+    return metrics
 
 
 def _report_changed_config(run_dir: Path, name: str, stage_dir: Path) -> None:

@@ -31,7 +31,7 @@ def test_chunked_search_equals_one_chunk(demo_dirs):
 def test_mined_negatives_never_contain_a_positive(demo_dirs):
     data = load_beir(demo_dirs[0], ("train",))
     qids = data.judged_queries("train")
-    ranking = bm25_search(data, qids, BM25Config(), top_k=30)
+    ranking = bm25_search(BM25Index(data.passage_texts()), data, qids, top_k=30)
     negatives = negatives_from_ranking(ranking, data.qrels["train"], depth=10)
     positives_retrieved = 0
     for qid in qids:

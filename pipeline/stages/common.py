@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +37,16 @@ class StageContext:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def train_special(self) -> SpecialTokens:
+    @cached_property
+    def special(self) -> SpecialTokens:
         return SpecialTokens.from_tokenizer(self.tokenizer)
 
-    def train_text(self) -> TokenizedText:
-        split = self.config.data.train_split
-        return TokenizedText(self.tokenizer, self.data, self.data.judged_queries(split),
+    @cached_property
+    def text(self) -> TokenizedText:
+        """Every passage and the judged queries of the training and evaluation splits, tokenised once."""
+        splits = (self.config.data.train_split, self.config.eval.split)
+        query_ids = sorted({q for split in splits for q in self.data.judged_queries(split)})
+        return TokenizedText(self.tokenizer, self.data, query_ids,
                              self.config.eval.query_max_len, self.config.eval.passage_max_len)
 
 
@@ -56,9 +61,7 @@ def evaluate_dual_encoder(ctx: StageContext, model) -> tuple[dict[str, float], R
 @torch.inference_mode()
 def rerank(ctx: StageContext, candidates: Ranking, score_pairs) -> dict[str, float]:
     """Re-rank each query's top ``RERANK_DEPTH`` candidates with ``score_pairs(q_ids, p_ids) -> (N,)``."""
-    split = ctx.config.eval.split
-    text = TokenizedText(ctx.tokenizer, ctx.data, ctx.data.judged_queries(split),
-                         ctx.config.eval.query_max_len, ctx.config.eval.passage_max_len)
+    split, text = ctx.config.eval.split, ctx.text
     reranked: Ranking = {}
     for qid, docs in candidates.items():
         docs = docs[:RERANK_DEPTH]
@@ -75,7 +78,7 @@ def rerank(ctx: StageContext, candidates: Ranking, score_pairs) -> dict[str, flo
 
 def cross_encoder_scorer(ctx: StageContext, cross_encoder):
     cross_encoder.eval()
-    special = ctx.train_special()
+    special = ctx.special
 
     def score(q_ids, p_ids):
         batch = {k: v.to(ctx.device) for k, v in cross_inputs(q_ids, p_ids, special).items()}
@@ -87,8 +90,9 @@ def cross_encoder_scorer(ctx: StageContext, cross_encoder):
 def colbert_scorer(ctx: StageContext, dual_encoder, colbert):
     from models.scoring import maxsim_paired
 
-    dual_encoder.eval(), colbert.eval()
-    special = ctx.train_special()
+    dual_encoder.eval()
+    colbert.eval()
+    special = ctx.special
 
     def tokens(ids, side):
         batch = {k: v.to(ctx.device) for k, v in encoder_inputs(ids, special).items()}

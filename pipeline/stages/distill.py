@@ -51,7 +51,8 @@ def distill_step(cascade: Cascade, batch: GroupBatch, stage: DistillConfig, weig
     q_out, p_out = de(batch.queries, side="query"), de(batch.passages, side="passage")
     Q = q_out.reps.shape[0]
     zeros = torch.zeros(Q, dtype=torch.long, device=q_out.reps.device)
-    de_group = candidate_scores(q_out.reps, p_out.reps, G)[0]  # (Q, G)
+    if weights["kl_col_de"] or weights["kl_ce_de"]:
+        de_group = candidate_scores(q_out.reps, p_out.reps, G)[0]  # (Q, G)
     terms = {}
     if weights["de"]:
         scores, labels = candidate_scores(q_out.reps, p_out.reps, G, in_batch=stage.in_batch)  # (Q, C)
@@ -106,7 +107,7 @@ def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, 
     cascade = Cascade(de, col, ce)
     train_teacher = use["ce"] and not stage.freeze_teacher
     active = {k: v for k, v in weights.items() if v and (k != "ce" or train_teacher)}
-    batches = GroupBatches(training_groups(ctx, stage.group_size), ctx.train_text(), stage.batch_size,
+    batches = GroupBatches(training_groups(ctx, stage.group_size), ctx.text, stage.batch_size,
                            with_pairs=use["ce"])
 
     def step(batch: GroupBatch) -> dict[str, torch.Tensor]:

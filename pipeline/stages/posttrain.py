@@ -24,7 +24,7 @@ def _special_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[str, float]]:
     model = AutoModelForMaskedLM.from_pretrained(ctx.inputs["encoder"], trust_remote_code=ctx.config.model.trust_remote_code)
-    batches = PassageBatches(ctx.train_text(), stage.batch_size, ctx.config.run.seed)
+    batches = PassageBatches(ctx.text, stage.batch_size, ctx.config.run.seed)
     tokenizer, pooling = ctx.tokenizer, ctx.config.model.pooling
     weights = {"mlm": stage.mlm, "simcse": stage.simcse, "mirror": stage.mirror}
 

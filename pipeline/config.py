@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipeline.io import write_text_atomic
 from pipeline.stages.configs import DistillConfig, PosttrainConfig, RefreshConfig, TeacherConfig, warmup_config
 
 DEMO = "demo"
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 STAGE_NAMES = ("posttrain", "teacher", "warmup", "refresh", "distill")
 
 
@@ -106,6 +108,7 @@ def _check_choices(config: PipelineConfig) -> None:
         "eval.passage_max_len": config.eval.passage_max_len,
         "eval.batch_size": config.eval.batch_size,
         "eval.top_k": config.eval.top_k,
+        "eval.rerank_depth": config.eval.rerank_depth,
         "negatives.depth": config.negatives.depth,
         "refresh.depth": config.refresh.depth,
         "negatives.bm25.chunk_size": config.negatives.bm25.chunk_size,
@@ -132,6 +135,8 @@ def _build(default, values: Any, where: str, source: str | None):
             changes[name] = _build(getattr(default, name), value, key, source)
         elif hint is float and isinstance(value, int) and not isinstance(value, bool):
             changes[name] = float(value)
+        elif hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            changes[name] = float(value)  # YAML 1.1 reads 5e-5 (no dot) as a string
         elif not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise InputError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}", source)
         else:

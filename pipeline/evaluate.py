@@ -32,6 +32,7 @@ class EvalConfig:
     passage_max_len: int = 64  # demo passages are under 30 tokens; raise it for real corpora
     batch_size: int = 128
     top_k: int = 1000
+    rerank_depth: int = 100  # candidates per query that a re-ranker (ColBERT, cross-encoder) scores
     index: IndexConfig = IndexConfig()
 
 

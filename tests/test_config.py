@@ -36,6 +36,7 @@ def test_saved_config_loads_back_identically(tmp_path):
         (["eval.batch_size=0"], "eval.batch_size: must be >= 1"),
         (["eval=3"], "eval: expected a mapping"),
         (["run.name"], "expected key.sub=value"),
+        (["distill.train.lr=fast"], "distill.train.lr: expected float, got str"),
     ],
 )
 def test_bad_config_is_one_clear_error(overrides, message):
@@ -60,3 +61,11 @@ def test_demo_config_file_shows_every_default_field():
     import yaml
 
     assert yaml.safe_load(path.read_text()) == to_dict(PipelineConfig())
+
+
+def test_exponent_without_a_dot_is_a_float(tmp_path):
+    """PyYAML reads ``5e-5`` as a string (YAML 1.1); a float field takes it as the number it means."""
+    assert load_config(None, ["teacher.train.lr=5e-5"]).teacher.train.lr == 5e-5
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  train:\n    lr: 3E-5\n")
+    assert load_config(path).distill.train.lr == 3e-5

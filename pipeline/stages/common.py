@@ -17,9 +17,6 @@ from pipeline.config import PipelineConfig
 from pipeline.evaluate import dense_search
 from pipeline.metrics import Ranking, evaluate_ranking
 
-RERANK_DEPTH = 100
-
-
 @dataclass
 class StageContext:
     """Inputs of one stage run: nothing else is read."""
@@ -60,11 +57,11 @@ def evaluate_dual_encoder(ctx: StageContext, model) -> tuple[dict[str, float], R
 
 @torch.inference_mode()
 def rerank(ctx: StageContext, candidates: Ranking, score_pairs) -> dict[str, float]:
-    """Re-rank each query's top ``RERANK_DEPTH`` candidates with ``score_pairs(q_ids, p_ids) -> (N,)``."""
-    split, text = ctx.config.eval.split, ctx.text
+    """Re-rank each query's top ``eval.rerank_depth`` candidates with ``score_pairs(q_ids, p_ids) -> (N,)``."""
+    split, text, depth = ctx.config.eval.split, ctx.text, ctx.config.eval.rerank_depth
     reranked: Ranking = {}
     for qid, docs in candidates.items():
-        docs = docs[:RERANK_DEPTH]
+        docs = docs[:depth]
         scores = []
         for start in range(0, len(docs), ctx.config.eval.batch_size):
             chunk = docs[start : start + ctx.config.eval.batch_size]
@@ -72,8 +69,13 @@ def rerank(ctx: StageContext, candidates: Ranking, score_pairs) -> dict[str, flo
         order = np.argsort(-torch.cat(scores).numpy(), kind="stable")
         reranked[qid] = [docs[i] for i in order]
     metrics = evaluate_ranking(ctx.data.qrels[split], reranked)
-    metrics.pop("recall@1000")  # only RERANK_DEPTH candidates were re-ranked
+    metrics.pop("recall@1000")  # only the top ``depth`` candidates were re-ranked
     return metrics
+
+
+def rerank_label(model: str, candidates: str, ctx: StageContext) -> str:
+    """The report row of a re-ranker: ``cross-encoder (re-rank BM25 top 100)``."""
+    return f"{model} (re-rank {candidates} top {ctx.config.eval.rerank_depth})"
 
 
 def cross_encoder_scorer(ctx: StageContext, cross_encoder):

@@ -20,7 +20,8 @@ from models.dual_encoder import DualEncoder
 from models.scoring import maxsim_paired
 from pipeline.batches import GroupBatch, GroupBatches
 from pipeline.io import atomic_dir
-from pipeline.stages.common import StageContext, colbert_scorer, cross_encoder_scorer, evaluate_dual_encoder, rerank
+from pipeline.stages.common import (StageContext, colbert_scorer, cross_encoder_scorer, evaluate_dual_encoder, rerank,
+                                    rerank_label)
 from pipeline.stages.configs import DistillConfig
 from pipeline.stages.teacher import training_groups
 from pipeline.train import train
@@ -130,7 +131,7 @@ def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, 
     metrics, ranking = evaluate_dual_encoder(ctx, cascade.dual_encoder)
     results = {"dual-encoder": metrics}
     if col is not None:
-        results["colbert (re-rank DE top 100)"] = rerank(ctx, ranking, colbert_scorer(ctx, cascade.dual_encoder, cascade.colbert))
+        results[rerank_label("colbert", "DE", ctx)] = rerank(ctx, ranking, colbert_scorer(ctx, cascade.dual_encoder, cascade.colbert))
     if ce is not None:
-        results["cross-encoder (re-rank DE top 100)"] = rerank(ctx, ranking, cross_encoder_scorer(ctx, cascade.cross_encoder))
+        results[rerank_label("cross-encoder", "DE", ctx)] = rerank(ctx, ranking, cross_encoder_scorer(ctx, cascade.cross_encoder))
     return results

@@ -9,7 +9,7 @@ from losses import contrastive_loss
 from models.cross_encoder import CrossEncoder
 from pipeline.batches import GroupBatches
 from pipeline.io import atomic_dir
-from pipeline.stages.common import StageContext, cross_encoder_scorer, rerank
+from pipeline.stages.common import StageContext, cross_encoder_scorer, rerank, rerank_label
 from pipeline.stages.configs import TeacherConfig
 from pipeline.train import train
 
@@ -35,5 +35,5 @@ def run_teacher(ctx: StageContext, stage: TeacherConfig) -> dict[str, dict[str, 
         with atomic_dir(ctx.stage_dir / "final") as staging:
             model.save_pretrained(staging, ctx.tokenizer)
     ctx.accelerator.wait_for_everyone()
-    # No dual-encoder has been trained yet: the teacher re-ranks BM25's top 100.
-    return {"cross-encoder (re-rank BM25 top 100)": rerank(ctx, ctx.bm25_test_ranking, cross_encoder_scorer(ctx, model))}
+    # No dual-encoder has been trained yet: the teacher re-ranks BM25's top candidates.
+    return {rerank_label("cross-encoder", "BM25", ctx): rerank(ctx, ctx.bm25_test_ranking, cross_encoder_scorer(ctx, model))}

@@ -1,7 +1,10 @@
 """Tokenised training batches built from groups, under the token alignment contract.
 
 Texts are tokenised once per stage; a micro-batch is a slice of the epoch's group order, so
-``batch_at(epoch, index)`` is a pure function of seed, epoch and index.
+``batch_at(epoch, index)`` is a pure function of seed, epoch and index. Under N processes the
+global batch (``batch_size`` groups, padded as one) is built the same way and each process keeps
+its contiguous share of the rows: the global batch, its padding and the sample order do not
+depend on N.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import numpy as np
 import torch
 
 from data.beir import BeirData
+from data.errors import InputError
 from data.collate import SpecialTokens, cross_inputs, encoder_inputs, tokenize
 from data.groups import TrainGroups
+from pipeline.distributed import shard_slice
 
 
 @dataclass
@@ -29,6 +34,16 @@ class GroupBatch:
         move = lambda inputs: {k: v.to(device) for k, v in inputs.items()}  # noqa: E731
         return GroupBatch(move(self.queries), move(self.passages), move(self.pairs), self.group_size)
 
+    def shard(self, rank: int, num_processes: int) -> "GroupBatch":
+        """Process ``rank``'s groups: its queries and, in group layout, their passages and pairs."""
+        if num_processes == 1:
+            return self
+        queries = shard_slice(len(self.queries["input_ids"]), rank, num_processes)
+        groups = slice(queries.start * self.group_size, queries.stop * self.group_size)
+        cut = lambda inputs, rows: {k: v[rows] for k, v in inputs.items()}  # noqa: E731
+        return GroupBatch(cut(self.queries, queries), cut(self.passages, groups), cut(self.pairs, groups),
+                          self.group_size)
+
 
 class TokenizedText:
     """Token ids of every passage and of the split's queries, looked up by id."""
@@ -39,13 +54,23 @@ class TokenizedText:
         self.queries = dict(zip(query_ids, tokenize(tokenizer, data.query_texts(query_ids), query_max_len)))
 
 
-class GroupBatches:
-    """``batch_at(epoch, index)``: micro-batch ``index`` of ``epoch`` (the last partial batch is dropped)."""
+def check_divisible(batch_size: int, num_processes: int, key: str) -> None:
+    if batch_size % num_processes:
+        raise InputError(f"{key}: the global batch ({batch_size}) must split evenly over {num_processes} processes")
 
-    def __init__(self, groups: TrainGroups, text: TokenizedText, batch_size: int, with_pairs: bool):
+
+class GroupBatches:
+    """``batch_at(epoch, index)``: this process's share of global micro-batch ``index`` of ``epoch``.
+
+    ``batch_size`` is the global batch in groups (the last partial batch of an epoch is dropped).
+    """
+
+    def __init__(self, groups: TrainGroups, text: TokenizedText, batch_size: int, with_pairs: bool,
+                 rank: int = 0, num_processes: int = 1):
         if len(groups) < batch_size:
             raise ValueError(f"{len(groups)} training queries cannot fill one batch of {batch_size}")
         self.groups, self.text, self.batch_size, self.with_pairs = groups, text, batch_size, with_pairs
+        self.rank, self.num_processes = rank, num_processes
         self.per_epoch = len(groups) // batch_size
 
     def batch_at(self, epoch: int, index: int) -> GroupBatch:
@@ -59,15 +84,19 @@ class GroupBatches:
             passages=encoder_inputs(p_ids, self.text.special),
             pairs=cross_inputs(pair_q, p_ids, self.text.special) if self.with_pairs else {},
             group_size=self.groups.group_size,
-        )
+        ).shard(self.rank, self.num_processes)
 
 
 class PassageBatches:
-    """Corpus passages in a seeded order per epoch, for post-training (MLM, SimCSE, Mirror-BERT)."""
+    """Corpus passages in a seeded order per epoch, for post-training (MLM, SimCSE, Mirror-BERT).
 
-    def __init__(self, text: TokenizedText, batch_size: int, seed: int):
+    ``batch_size`` is global; each process gets its share of the rows and its own masking seed.
+    """
+
+    def __init__(self, text: TokenizedText, batch_size: int, seed: int, rank: int = 0, num_processes: int = 1):
         self.ids = [ids for ids in text.passages.values() if ids]
         self.special, self.batch_size, self.seed = text.special, batch_size, seed
+        self.rank, self.num_processes = rank, num_processes
         self.per_epoch = len(self.ids) // batch_size
         if self.per_epoch < 1:
             raise ValueError(f"{len(self.ids)} passages cannot fill one batch of {batch_size}")
@@ -76,4 +105,9 @@ class PassageBatches:
         """(encoder inputs, a seed for this batch's masking)."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
         rows = order[index * self.batch_size : (index + 1) * self.batch_size]
-        return encoder_inputs([self.ids[i] for i in rows], self.special), int(np.random.default_rng([self.seed, epoch, index]).integers(2**31))
+        inputs = encoder_inputs([self.ids[i] for i in rows], self.special)
+        if self.num_processes > 1:
+            share = shard_slice(len(rows), self.rank, self.num_processes)
+            inputs = {k: v[share] for k, v in inputs.items()}
+        key = [self.seed, epoch, index] + ([self.rank] if self.rank else [])  # rank 0 masks as one process does
+        return inputs, int(np.random.default_rng(key).integers(2**31))

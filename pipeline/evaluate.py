@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from data.beir import BeirData
 from data.bm25 import BM25Config, BM25Index
 from data.collate import SpecialTokens, encoder_inputs, tokenize
+from pipeline.distributed import broadcast_object, gather_rows, world
 from pipeline.faiss_index import IndexConfig, build_index, search
 from pipeline.metrics import Ranking, evaluate_ranking, ranking_from_arrays
 
@@ -45,16 +46,24 @@ def encode(
     device: torch.device | str = "cpu",
     desc: str | None = None,
 ) -> np.ndarray:
-    """Vectors (N, D) float32 of pre-tokenised texts, in input order, longest texts first internally."""
+    """Vectors (N, D) float32 of pre-tokenised texts, in input order, longest texts first internally.
+
+    Under N processes each process encodes every N-th text of the length order (so the work is
+    balanced) and every process returns all N vectors; call it on every process.
+    """
+    rank, size = world()
     order = np.argsort([-len(row) for row in ids], kind="stable")
+    mine = order[rank::size]
     chunks = []
-    for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=desc is None, leave=False):
-        batch = encoder_inputs([ids[i] for i in order[start : start + batch_size]], special)
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=desc is None or rank > 0, leave=False):
+        batch = encoder_inputs([ids[i] for i in mine[start : start + batch_size]], special)
         batch = {k: v.to(device) for k, v in batch.items()}
-        chunks.append(encoder(batch).float().cpu())
-    vectors = torch.cat(chunks).numpy()  # (N, D), longest first
-    out = np.empty_like(vectors)
-    out[order] = vectors
+        chunks.append(encoder(batch).float())
+    vectors = torch.cat(chunks) if chunks else torch.zeros(0, 0, device=device)  # (len(mine), D)
+    parts = gather_rows(vectors) if size > 1 else [vectors.cpu()]
+    out = np.empty((len(ids), parts[0].shape[1]), dtype=np.float32)
+    for r, part in enumerate(parts):
+        out[order[r::size]] = part.numpy()
     return out
 
 
@@ -68,16 +77,23 @@ def dense_search(
     device: torch.device | str = "cpu",
     show_progress: bool = False,
 ) -> Ranking:
-    """Encode corpus and queries, index the corpus, return each query's top ``config.top_k``."""
+    """Encode corpus and queries, index the corpus, return each query's top ``config.top_k``.
+
+    Under N processes the encoding is split over them, the main process builds the index and
+    searches, and every process receives the ranking: call it on every process.
+    """
     special = SpecialTokens.from_tokenizer(tokenizer)
     passage_ids = tokenize(tokenizer, data.passage_texts(), config.passage_max_len)
     query_token_ids = tokenize(tokenizer, data.query_texts(list(query_ids)), config.query_max_len)
     progress = (lambda name: name) if show_progress else (lambda name: None)
     p_reps = encode(passage_encoder, passage_ids, special, config.batch_size, device, progress("encode corpus"))
     q_reps = encode(query_encoder, query_token_ids, special, config.batch_size, device, progress("encode queries"))
-    index = build_index(p_reps, config.index)
-    scores, indices = search(index, q_reps, config.top_k)
-    return ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
+    ranking = None
+    if world()[0] == 0:
+        index = build_index(p_reps, config.index)
+        scores, indices = search(index, q_reps, config.top_k)
+        ranking = ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
+    return broadcast_object(ranking)
 
 
 def bm25_search(index: BM25Index, data: BeirData, query_ids: Sequence[str], top_k: int) -> Ranking:

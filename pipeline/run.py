@@ -141,30 +141,32 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     Returns ``{stage: {model: metrics}}``, stage by stage.
     """
     run_dir = config.run_dir
+    tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    accelerator = Accelerator(mixed_precision=config.run.mixed_precision, log_with=tracker,
+                              project_dir=str(run_dir / "tensorboard"))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{accelerator.process_index}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise InputError(f"cannot write the run directory ({e.strerror})", run_dir) from None
-    data_dir, model_path = resolve_inputs(config)
-    data = load_data(config, data_dir)
+    with accelerator.main_process_first():  # the main process builds the demo assets and data cache first
+        data_dir, model_path = resolve_inputs(config)
+        data = load_data(config, data_dir)
     tokenizer = check_model(config, model_path)
     plan = stage_plan(config)
     for name in only or []:
         if name not in config.stage_names:
             raise InputError(f"--stages: '{name}' is not in run.stages ({config.run.stages})")
-    tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
-    accelerator = Accelerator(mixed_precision=config.run.mixed_precision, log_with=tracker,
-                              project_dir=str(run_dir / "tensorboard"))
     if tracker:
         accelerator.init_trackers(variant or config.run.name)
     if accelerator.is_main_process:
         save_config(config, run_dir / (f"config-{variant}.yaml" if variant else "config.yaml"))
 
     bm25 = BM25Index(data.passage_texts(), config.negatives.bm25)
-    negatives = mine_bm25_negatives(config, data, bm25, run_dir / "negatives" / "bm25.jsonl")
+    with accelerator.main_process_first():  # mined and written once, read by the other processes
+        negatives = mine_bm25_negatives(config, data, bm25, run_dir / "negatives" / "bm25.jsonl")
     split = config.eval.split
     bm25_ranking = bm25_search(bm25, data, data.judged_queries(split), config.eval.top_k)
     results: dict[str, dict] = {"bm25": {"bm25": evaluate_ranking(data.qrels[split], bm25_ranking)}}

@@ -1,9 +1,11 @@
 """The one training loop, shared by every stage (Accelerate's checkpointing pattern).
 
 A stage supplies ``batch_at(epoch, index)`` (a pure function, so data order depends on nothing
-but seed, epoch and index) and ``step(batch) -> {term: unweighted loss}``. The loop owns the
-weighted sum, gradient accumulation, clipping, mixed precision, the learning-rate schedule,
-logging, checkpoints and resume.
+but seed, epoch and index; under N processes it returns this process's share of the global
+batch) and ``step(model, batch) -> {term: unweighted loss}``, where ``model`` is the prepared
+(possibly DDP-wrapped) module and the step calls it exactly once. The loop owns the weighted sum,
+gradient accumulation, clipping, mixed precision, the learning-rate schedule, logging,
+checkpoints and resume.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,10 +22,12 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from data.errors import InputError
+from pipeline.distributed import any_true, mean_over_processes
 from pipeline.io import remove_tree, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-StepFn = Callable[[Any], dict[str, torch.Tensor]]
+StepFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
 _CHECKPOINT = re.compile(r"^step-(\d+)$")
 
 
@@ -66,6 +71,7 @@ class TrainState:
     micro_step: int = 0  # micro-batches consumed, across epochs
     skipped_steps: int = 0  # steps dropped for a non-finite loss or gradient
     bad_in_a_row: int = 0
+    num_processes: int = 1  # who wrote the checkpoint: resuming needs the same number
 
     def position(self, batches_per_epoch: int) -> tuple[int, int]:
         return divmod(self.micro_step, batches_per_epoch)
@@ -135,11 +141,17 @@ def train(
 
     checkpoint_dir = stage_dir / "checkpoints"
     log_path = stage_dir / "train_log.jsonl"
-    state = TrainState()
+    state = TrainState(num_processes=accelerator.num_processes)
     resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
+        saved = TrainState(**json.loads((resume_from / "train_state.json").read_text()))
+        if saved.num_processes != accelerator.num_processes:
+            raise InputError(
+                f"the checkpoint was written by {saved.num_processes} process(es) and this run has "
+                f"{accelerator.num_processes}: resume with --num_processes {saved.num_processes}, or delete "
+                "the checkpoints folder to train this stage again", resume_from)
         accelerator.load_state(str(resume_from))
-        state = TrainState(**json.loads((resume_from / "train_state.json").read_text()))
+        state = saved
         log.info("resumed from %s (step %d)", resume_from, state.step)
     if accelerator.is_main_process and log_path.exists():
         _truncate_log(log_path, state.step)
@@ -150,19 +162,23 @@ def train(
     bad_step = False
     while state.step < total_steps:
         epoch, index = state.position(batches_per_epoch)
-        terms = step_fn(batch_at(epoch, index))
-        unknown = [name for name in terms if not weights.get(name)]
-        if unknown:
-            raise RuntimeError(f"step returned terms with no weight: {unknown}")
-        loss = sum(weights[name] * value for name, value in terms.items())
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            accelerator.backward(loss / config.grad_accum)
+        last_micro = (state.micro_step + 1) % config.grad_accum == 0
+        # Gradients are averaged over processes once per optimizer step, not per micro-batch.
+        with nullcontext() if last_micro else accelerator.no_sync(model):
+            terms = step_fn(model, batch_at(epoch, index))
+            unknown = [name for name in terms if not weights.get(name)]
+            if unknown:
+                raise RuntimeError(f"step returned terms with no weight: {unknown}")
+            loss = sum(weights[name] * value for name, value in terms.items())
+            # Every process skips together: one skipping backward alone would hang the others.
+            finite = not any_true(not bool(torch.isfinite(loss)), accelerator.device)
+            if finite:
+                accelerator.backward(loss / config.grad_accum)
         bad_step = bad_step or not finite
         for name, value in {"loss": loss, **terms}.items():
             running[name] = running.get(name, 0.0) + float(value.detach()) / config.grad_accum
         state.micro_step += 1
-        if state.micro_step % config.grad_accum:
+        if not last_micro:
             continue
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
         bad_step = bad_step or not bool(torch.isfinite(torch.as_tensor(grad_norm)))
@@ -186,6 +202,7 @@ def train(
         state.step += 1
         progress.update(1)
         if state.step % config.log_every == 0 or state.step == total_steps:
+            running = mean_over_processes(running, accelerator.device)  # each process's loss is over its own rows
             record = {"step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                       "skipped_steps": state.skipped_steps, **running}
             _log(accelerator, log_path, record, prefix=stage_dir.name.split("-")[0])

@@ -29,10 +29,10 @@ class Interrupt(Exception):
     pass
 
 
-def make_step(model, fail_at=None):
+def make_step(fail_at=None):
     calls = {"n": 0}
 
-    def step(batch):
+    def step(model, batch):
         calls["n"] += 1
         if fail_at is not None and calls["n"] == fail_at:
             raise Interrupt
@@ -48,7 +48,7 @@ WEIGHTS = {"fit": 1.0, "small": 0.1}
 
 def run(stage_dir, fail_at=None, config=CONFIG):
     model = Toy()
-    state = train(Accelerator(cpu=True), model, make_step(model, fail_at), batch_at, 5, WEIGHTS, config, stage_dir)
+    state = train(Accelerator(cpu=True), model, make_step(fail_at), batch_at, 5, WEIGHTS, config, stage_dir)
     return model, state
 
 
@@ -82,14 +82,14 @@ def test_every_term_is_logged_by_name_and_unweighted_terms_are_refused(tmp_path)
         assert r["loss"] == pytest.approx(r["fit"] + 0.1 * r["small"], rel=1e-5)
     model = Toy()
     with pytest.raises(RuntimeError, match="no weight"):
-        train(Accelerator(cpu=True), model, make_step(model), batch_at, 5, {"fit": 1.0, "small": 0.0},
+        train(Accelerator(cpu=True), model, make_step(), batch_at, 5, {"fit": 1.0, "small": 0.0},
               TrainConfig(), tmp_path / "other")
 
 
-def nan_at(model, bad_calls):
+def nan_at(bad_calls):
     calls = {"n": 0}
 
-    def step(batch):
+    def step(model, batch):
         calls["n"] += 1
         out = model(batch)
         fit = (out - batch.flip(1)).pow(2).mean()
@@ -105,7 +105,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
 
     config = Config(epochs=1, grad_accum=1, log_every=1, checkpoint_every=100, warmup_ratio=0.0)
     model = Toy()
-    state = train(Accelerator(cpu=True), model, nan_at(model, {3}), batch_at, 5, {"fit": 1.0}, config, tmp_path)
+    state = train(Accelerator(cpu=True), model, nan_at({3}), batch_at, 5, {"fit": 1.0}, config, tmp_path)
     assert state.step == 5 and state.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -118,7 +118,7 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(tmp_pa
     config = Config(epochs=4, grad_accum=1, checkpoint_every=2, max_bad_steps=3)
     model = Toy()
     with pytest.raises(TrainingDiverged, match="3 steps in a row"):
-        train(Accelerator(cpu=True), model, nan_at(model, set(range(5, 100))), batch_at, 5, {"fit": 1.0}, config, tmp_path)
+        train(Accelerator(cpu=True), model, nan_at(set(range(5, 100))), batch_at, 5, {"fit": 1.0}, config, tmp_path)
     kept = latest_checkpoint(tmp_path / "checkpoints")
     assert kept.name == "step-6"  # steps 5 and 6 were skipped, so its weights are still step 4's
     assert json.loads((kept / "train_state.json").read_text())["skipped_steps"] == 2

@@ -12,8 +12,9 @@ from accelerate import Accelerator
 
 from data.beir import BeirData
 from data.collate import SpecialTokens, cross_inputs, encoder_inputs
-from pipeline.batches import TokenizedText
+from pipeline.batches import TokenizedText, check_divisible
 from pipeline.config import PipelineConfig
+from pipeline.distributed import gather_objects, world
 from pipeline.evaluate import dense_search
 from pipeline.metrics import Ranking, evaluate_ranking
 
@@ -33,6 +34,11 @@ class StageContext:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    def process(self, batch_size: int, key: str) -> dict[str, int]:
+        """``rank`` and ``num_processes`` for a batch source whose global batch is ``batch_size`` (config ``key``)."""
+        check_divisible(batch_size, self.accelerator.num_processes, key)
+        return {"rank": self.accelerator.process_index, "num_processes": self.accelerator.num_processes}
 
     @cached_property
     def special(self) -> SpecialTokens:
@@ -59,15 +65,18 @@ def evaluate_dual_encoder(ctx: StageContext, model) -> tuple[dict[str, float], R
 def rerank(ctx: StageContext, candidates: Ranking, score_pairs) -> dict[str, float]:
     """Re-rank each query's top ``eval.rerank_depth`` candidates with ``score_pairs(q_ids, p_ids) -> (N,)``."""
     split, text, depth = ctx.config.eval.split, ctx.text, ctx.config.eval.rerank_depth
+    rank, size = world()
     reranked: Ranking = {}
-    for qid, docs in candidates.items():
-        docs = docs[:depth]
+    for qid in list(candidates)[rank::size]:  # each process re-ranks every N-th query
+        docs = candidates[qid][:depth]
         scores = []
         for start in range(0, len(docs), ctx.config.eval.batch_size):
             chunk = docs[start : start + ctx.config.eval.batch_size]
             scores.append(score_pairs([text.queries[qid]] * len(chunk), [text.passages[d] for d in chunk]).float().cpu())
         order = np.argsort(-torch.cat(scores).numpy(), kind="stable")
         reranked[qid] = [docs[i] for i in order]
+    if size > 1:
+        reranked = {qid: docs for part in gather_objects(reranked) for qid, docs in part.items()}
     metrics = evaluate_ranking(ctx.data.qrels[split], reranked)
     metrics.pop("recall@1000")  # only the top ``depth`` candidates were re-ranked
     return metrics

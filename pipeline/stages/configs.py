@@ -53,8 +53,9 @@ class LossWeights:
 class DistillConfig:
     """Cascaded CE -> ColBERT -> DE distillation, trained jointly ("on the fly").
 
-    Candidates C(q) for the KL terms are each query's group; the ``de`` term also sees every
-    passage in the batch when ``in_batch``.
+    Candidates C(q) for the KL terms are each query's group; the ``de`` and ``dualreg`` terms also
+    see every passage in the batch when ``in_batch``, and those of every process when
+    ``cross_device`` too. ``batch_size`` is the global batch, split over the processes.
     """
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4, checkpoint_every=100))
@@ -62,6 +63,7 @@ class DistillConfig:
     group_size: int = 4
     weights: LossWeights = field(default_factory=LossWeights)
     in_batch: bool = True
+    cross_device: bool = True  # with in_batch: the passages of every process are candidates (RocketQA)
     tau_de: float = 0.05
     tau_col: float = 1.0
     tau_ce: float = 1.0

@@ -19,6 +19,7 @@ from models.cross_encoder import CrossEncoder, query_passage_attention
 from models.dual_encoder import DualEncoder
 from models.scoring import maxsim_paired
 from pipeline.batches import GroupBatch, GroupBatches
+from pipeline.distributed import gather_with_grad
 from pipeline.io import atomic_dir
 from pipeline.stages.common import (StageContext, colbert_scorer, cross_encoder_scorer, evaluate_dual_encoder, rerank,
                                     rerank_label)
@@ -28,11 +29,27 @@ from pipeline.train import train
 
 
 class Cascade(nn.Module):
-    """The models of the cascade in one module, so one optimizer and one checkpoint hold them."""
+    """The models of the cascade in one module, so one optimizer and one checkpoint hold them.
 
-    def __init__(self, dual_encoder: DualEncoder, colbert: ColBERT | None, cross_encoder: CrossEncoder | None):
+    ``forward(batch)`` returns the step's loss terms (``distill_step``): the prepared (DDP) module
+    is called once per step, as DDP requires.
+    """
+
+    def __init__(self, dual_encoder: DualEncoder, colbert: ColBERT | None, cross_encoder: CrossEncoder | None,
+                 stage: DistillConfig | None = None, weights: dict[str, float] | None = None,
+                 train_teacher: bool = True):
         super().__init__()
         self.dual_encoder, self.colbert, self.cross_encoder = dual_encoder, colbert, cross_encoder
+        self.stage, self.weights, self.train_teacher = stage, weights, train_teacher
+
+    def train(self, mode: bool = True) -> "Cascade":
+        super().train(mode)
+        if self.cross_encoder is not None and not self.train_teacher:
+            self.cross_encoder.eval()  # a frozen teacher scores without dropout
+        return self
+
+    def forward(self, batch: GroupBatch) -> dict[str, torch.Tensor]:
+        return distill_step(self, batch, self.stage, self.weights, self.train_teacher)
 
 
 def needs(weights: dict[str, float]) -> dict[str, bool]:
@@ -54,10 +71,15 @@ def distill_step(cascade: Cascade, batch: GroupBatch, stage: DistillConfig, weig
     zeros = torch.zeros(Q, dtype=torch.long, device=q_out.reps.device)
     if weights["kl_col_de"] or weights["kl_ce_de"]:
         de_group = candidate_scores(q_out.reps, p_out.reps, G)[0]  # (Q, G)
+    # In-batch candidates: this process's passages, or every process's (RocketQA cross-batch
+    # negatives), gathered in rank order with gradients flowing back to their owners.
+    across = lambda reps: gather_with_grad(reps) if stage.in_batch and stage.cross_device else (reps, 0)  # noqa: E731
+    if weights["de"] or weights["dualreg"]:
+        passages, offset = across(p_out.reps)  # (P, D): (processes * Q * G, D) across devices
     terms = {}
     if weights["de"]:
-        scores, labels = candidate_scores(q_out.reps, p_out.reps, G, in_batch=stage.in_batch)  # (Q, C)
-        terms["de"] = contrastive_loss(scores, labels, stage.tau_de)
+        scores, labels = candidate_scores(q_out.reps, passages, G, in_batch=stage.in_batch, label_offset=offset)
+        terms["de"] = contrastive_loss(scores, labels, stage.tau_de)  # scores (Q, P)
     if use["col"]:
         q_tok = col(batch.queries, last_hidden_state=q_out.last_hidden_state)
         p_tok = col(batch.passages, last_hidden_state=p_out.last_hidden_state)
@@ -88,7 +110,8 @@ def distill_step(cascade: Cascade, batch: GroupBatch, stage: DistillConfig, weig
         terms["attn"] = attention_kl(teacher, q_rep, q_rep_mask, p_tok.tokens, p_tok.mask, stage.tau_attn, pair_mask)
     if weights["dualreg"]:
         q_2, p_2 = de(batch.queries, side="query").reps, de(batch.passages, side="passage").reps
-        terms["dualreg"] = dualreg_loss(q_out.reps, q_2, p_out.reps, p_2, G, stage.tau_de, stage.in_batch)
+        terms["dualreg"] = dualreg_loss(q_out.reps, q_2, passages, across(p_2)[0], G, stage.tau_de,
+                                        stage.in_batch)
     return terms
 
 
@@ -105,16 +128,14 @@ def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, 
                                           trust_remote_code=trust)
         if stage.freeze_teacher:
             ce.requires_grad_(False)
-    cascade = Cascade(de, col, ce)
     train_teacher = use["ce"] and not stage.freeze_teacher
+    cascade = Cascade(de, col, ce, stage, weights, train_teacher)
     active = {k: v for k, v in weights.items() if v and (k != "ce" or train_teacher)}
     batches = GroupBatches(training_groups(ctx, stage.group_size), ctx.text, stage.batch_size,
-                           with_pairs=use["ce"])
+                           with_pairs=use["ce"], **ctx.process(stage.batch_size, f"{ctx.stage_dir.name.split('-')[0]}.batch_size"))
 
-    def step(batch: GroupBatch) -> dict[str, torch.Tensor]:
-        if ce is not None and not train_teacher:
-            ce.eval()  # a frozen teacher scores without dropout
-        return distill_step(cascade, batch.to(ctx.device), stage, weights, train_teacher)
+    def step(model, batch: GroupBatch) -> dict[str, torch.Tensor]:
+        return model(batch.to(ctx.device))
 
     train(ctx.accelerator, cascade, step, batches.batch_at, batches.per_epoch, active, stage.train, ctx.stage_dir)
     cascade = ctx.accelerator.unwrap_model(cascade)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import AutoModelForMaskedLM
 
 from losses import infonce_loss, mask_random_span, mask_tokens, mlm_loss
@@ -22,20 +23,21 @@ def _special_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return ~real
 
 
-def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[str, float]]:
-    model = AutoModelForMaskedLM.from_pretrained(ctx.inputs["encoder"], trust_remote_code=ctx.config.model.trust_remote_code)
-    batches = PassageBatches(ctx.text, stage.batch_size, ctx.config.run.seed)
-    tokenizer, pooling = ctx.tokenizer, ctx.config.model.pooling
-    weights = {"mlm": stage.mlm, "simcse": stage.simcse, "mirror": stage.mirror}
+class PostTrainer(nn.Module):
+    """The MLM model and its post-training terms: one ``forward`` per step (what DDP needs)."""
 
-    def step(item) -> dict[str, torch.Tensor]:
-        inputs, seed = item
-        batch = {k: v.to(ctx.device) for k, v in inputs.items()}
+    def __init__(self, model, stage: PosttrainConfig, tokenizer, pooling: str):
+        super().__init__()
+        self.model, self.stage, self.pooling = model, stage, pooling
+        self.vocab_size, self.mask_id = len(tokenizer), tokenizer.mask_token_id
+
+    def forward(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        stage, model = self.stage, self.model
         special = _special_mask(batch)
         generator = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
         terms = {}
         if stage.mlm:
-            masked, labels = mask_tokens(batch["input_ids"], special, len(tokenizer), tokenizer.mask_token_id,
+            masked, labels = mask_tokens(batch["input_ids"], special, self.vocab_size, self.mask_id,
                                          generator, mlm_probability=stage.mlm_probability)
             logits = model(**model_inputs(model, {**batch, "input_ids": masked})).logits  # (B, T, V)
             terms["mlm"] = mlm_loss(logits, labels)
@@ -44,23 +46,40 @@ def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[s
 
             def view(input_ids):
                 hidden = encoder(**model_inputs(encoder, {**batch, "input_ids": input_ids})).last_hidden_state
-                return pool(hidden, batch["attention_mask"], pooling)  # (B, H)
+                return pool(hidden, batch["attention_mask"], self.pooling)  # (B, H)
 
             first = view(batch["input_ids"])
             if stage.simcse:
                 terms["simcse"] = infonce_loss(first, view(batch["input_ids"]), tau=stage.simcse_tau)
             if stage.mirror:
-                spans = mask_random_span(batch["input_ids"], special, tokenizer.mask_token_id, generator,
+                spans = mask_random_span(batch["input_ids"], special, self.mask_id, generator,
                                          span_length=stage.mirror_span)
                 terms["mirror"] = infonce_loss(first, view(spans), tau=stage.mirror_tau)
         return terms
 
-    train(ctx.accelerator, model, step, batches.batch_at, batches.per_epoch,
+
+def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[str, float]]:
+    model = AutoModelForMaskedLM.from_pretrained(ctx.inputs["encoder"], trust_remote_code=ctx.config.model.trust_remote_code)
+    batches = PassageBatches(ctx.text, stage.batch_size, ctx.config.run.seed,
+                             **ctx.process(stage.batch_size, "posttrain.batch_size"))
+    tokenizer, pooling = ctx.tokenizer, ctx.config.model.pooling
+    weights = {"mlm": stage.mlm, "simcse": stage.simcse, "mirror": stage.mirror}
+    if not stage.mlm:  # the LM head would get no gradient, which DDP does not allow
+        for name, param in model.named_parameters():
+            if not name.startswith(model.base_model_prefix):
+                param.requires_grad_(False)
+    trainer = PostTrainer(model, stage, tokenizer, pooling)
+
+    def step(module, item) -> dict[str, torch.Tensor]:
+        inputs, seed = item
+        return module({k: v.to(ctx.device) for k, v in inputs.items()}, seed)
+
+    train(ctx.accelerator, trainer, step, batches.batch_at, batches.per_epoch,
           {k: v for k, v in weights.items() if v}, stage.train, ctx.stage_dir)
     final = ctx.stage_dir / "final"
     if ctx.accelerator.is_main_process:
         with atomic_dir(final) as staging:
-            ctx.accelerator.unwrap_model(model).save_pretrained(staging)
+            ctx.accelerator.unwrap_model(trainer).model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     ctx.accelerator.wait_for_everyone()
     encoder = DualEncoder.from_pretrained(final, pooling=pooling, normalize=ctx.config.model.normalize).to(ctx.device)

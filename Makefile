@@ -7,7 +7,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench-reference clean-venv
+.PHONY: demo test bench-reference bench-speed clean-venv
 
 $(VENV)/.core: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(VENV)/.dev
 
 bench-reference: $(VENV)/.bench
 	$(PY) benchmarks/reference_scifact.py
+
+# Speed against sentence-transformers: --config gpu on a CUDA machine (default there), cpu elsewhere.
+bench-speed: $(VENV)/.bench
+	$(PY) benchmarks/speed.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

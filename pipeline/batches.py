@@ -46,12 +46,23 @@ class GroupBatch:
 
 
 class TokenizedText:
-    """Token ids of every passage and of the split's queries, looked up by id."""
+    """Token ids of every passage and of the split's queries, looked up by id.
+
+    Ids are kept as int32 arrays, tokenised in chunks: a corpus of millions of passages then
+    takes a few GB per process, not the tens that Python lists of ints would.
+    """
+
+    CHUNK = 20_000
 
     def __init__(self, tokenizer, data: BeirData, query_ids: list[str], query_max_len: int, passage_max_len: int):
         self.special = SpecialTokens.from_tokenizer(tokenizer)
-        self.passages = dict(zip(data.corpus["_id"], tokenize(tokenizer, data.passage_texts(), passage_max_len)))
-        self.queries = dict(zip(query_ids, tokenize(tokenizer, data.query_texts(query_ids), query_max_len)))
+        self.passages = dict(zip(data.corpus["_id"], self._compact(tokenizer, data.passage_texts(), passage_max_len)))
+        self.queries = dict(zip(query_ids, self._compact(tokenizer, data.query_texts(query_ids), query_max_len)))
+
+    @classmethod
+    def _compact(cls, tokenizer, texts: list[str], max_len: int) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for start in range(0, len(texts), cls.CHUNK)
+                for ids in tokenize(tokenizer, texts[start : start + cls.CHUNK], max_len)]
 
 
 def check_divisible(batch_size: int, num_processes: int, key: str) -> None:
@@ -94,7 +105,7 @@ class PassageBatches:
     """
 
     def __init__(self, text: TokenizedText, batch_size: int, seed: int, rank: int = 0, num_processes: int = 1):
-        self.ids = [ids for ids in text.passages.values() if ids]
+        self.ids = [ids for ids in text.passages.values() if len(ids)]
         self.special, self.batch_size, self.seed = text.special, batch_size, seed
         self.rank, self.num_processes = rank, num_processes
         self.per_epoch = len(self.ids) // batch_size

@@ -76,14 +76,17 @@ def dense_search(
     config: EvalConfig,
     device: torch.device | str = "cpu",
     show_progress: bool = False,
+    passage_ids: Sequence[Sequence[int]] | None = None,
 ) -> Ranking:
     """Encode corpus and queries, index the corpus, return each query's top ``config.top_k``.
 
     Under N processes the encoding is split over them, the main process builds the index and
-    searches, and every process receives the ranking: call it on every process.
+    searches, and every process receives the ranking: call it on every process. ``passage_ids``:
+    the corpus already tokenised at ``config.passage_max_len``, in corpus order.
     """
     special = SpecialTokens.from_tokenizer(tokenizer)
-    passage_ids = tokenize(tokenizer, data.passage_texts(), config.passage_max_len)
+    if passage_ids is None:
+        passage_ids = tokenize(tokenizer, data.passage_texts(), config.passage_max_len)
     query_token_ids = tokenize(tokenizer, data.query_texts(list(query_ids)), config.query_max_len)
     progress = (lambda name: name) if show_progress else (lambda name: None)
     p_reps = encode(passage_encoder, passage_ids, special, config.batch_size, device, progress("encode corpus"))

@@ -23,6 +23,7 @@ from data.demo import ensure_demo
 from data.errors import InputError
 from data.bm25 import BM25Index
 from data.negatives import mine_negatives
+from pipeline.batches import check_divisible
 from pipeline.config import DEMO, PipelineConfig, save_config, to_dict
 from pipeline.evaluate import bm25_search, evaluate_dense
 from pipeline.io import read_jsonl, remove_tree, write_json_atomic, write_jsonl_atomic
@@ -143,7 +144,7 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     run_dir = config.run_dir
     tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = Accelerator(mixed_precision=config.run.mixed_precision, log_with=tracker,
-                              project_dir=str(run_dir / "tensorboard"))
+                              project_dir=str(run_dir / "tensorboard"), cpu=_cpu_processes())
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{accelerator.process_index}"
@@ -159,6 +160,7 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     for name in only or []:
         if name not in config.stage_names:
             raise InputError(f"--stages: '{name}' is not in run.stages ({config.run.stages})")
+    check_launch(config, accelerator)
     if tracker:
         accelerator.init_trackers(variant or config.run.name)
     if accelerator.is_main_process:
@@ -225,6 +227,38 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     return results
 
 
+def check_launch(config: PipelineConfig, accelerator: Accelerator) -> None:
+    """Refuse, before anything runs, a launch the stages cannot honour."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    zero = getattr(accelerator.state.deepspeed_plugin, "zero_stage", None) if kind == DistributedType.DEEPSPEED else None
+    if kind == DistributedType.FSDP or zero == 3:
+        raise InputError("FSDP and DeepSpeed ZeRO-3 shard the weights, but evaluation and saving need them whole "
+                         "on every process: use DDP or DeepSpeed ZeRO-1/2")
+    for name in config.stage_names:
+        stage = getattr(config, name)
+        if not hasattr(stage, "batch_size"):
+            continue
+        check_divisible(stage.batch_size, accelerator.num_processes, f"{name}.batch_size")
+        if zero is not None and stage.train.grad_accum > 1:
+            raise InputError(f"{name}.train.grad_accum: under DeepSpeed the engine steps at every backward; "
+                             "use 1 and a larger global batch")
+
+
+def _cpu_processes() -> bool:
+    """Launched as several processes on a machine without CUDA: run them on CPU (gloo).
+
+    Accelerate's ``--cpu`` launcher needs ``mpirun``; ``accelerate launch --multi_gpu`` (torchrun)
+    on a CPU-only machine would otherwise give N independent single-process runs.
+    """
+    import os
+
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def _evaluate_initial(config, model_path, tokenizer, data, accelerator, cache: Path) -> dict[str, float]:
     """The starting encoder's metrics, computed once per model, data and config (variants share them)."""
     if cache.exists():
@@ -233,7 +267,9 @@ def _evaluate_initial(config, model_path, tokenizer, data, accelerator, cache: P
 
     model = DualEncoder.from_pretrained(model_path, pooling=config.model.pooling, normalize=config.model.normalize,
                                         trust_remote_code=config.model.trust_remote_code)
-    metrics = evaluate_dense(model.to(accelerator.device).eval(), tokenizer, data, config.eval, device=accelerator.device)
+    with accelerator.autocast():
+        metrics = evaluate_dense(model.to(accelerator.device).eval(), tokenizer, data, config.eval,
+                                 device=accelerator.device)
     if accelerator.is_main_process:
         write_json_atomic(cache, metrics)
     return metrics

@@ -181,7 +181,8 @@ def train(
         if not last_micro:
             continue
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-        bad_step = bad_step or not bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if grad_norm is not None:  # None under DeepSpeed, which clips (and checks) in its own step
+            bad_step = bad_step or not bool(torch.isfinite(torch.as_tensor(grad_norm)))
         if bad_step:
             state.skipped_steps += 1
             state.bad_in_a_row += 1

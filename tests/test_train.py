@@ -123,3 +123,16 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_and_keep_the_checkpoint(tmp_pa
     assert kept.name == "step-6"  # steps 5 and 6 were skipped, so its weights are still step 4's
     assert json.loads((kept / "train_state.json").read_text())["skipped_steps"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
+    from data.errors import InputError
+
+    with pytest.raises(Interrupt):
+        run(tmp_path, fail_at=12)
+    state_file = latest_checkpoint(tmp_path / "checkpoints") / "train_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["num_processes"] == 1
+    state_file.write_text(json.dumps({**state, "num_processes": 2}))  # as if 2 processes had written it
+    with pytest.raises(InputError, match=r"written by 2 process\(es\) and this run has 1"):
+        run(tmp_path)

@@ -52,12 +52,18 @@ class StageContext:
         return TokenizedText(self.tokenizer, self.data, query_ids,
                              self.config.eval.query_max_len, self.config.eval.passage_max_len)
 
+    @property
+    def corpus_ids(self) -> list:
+        """Token ids of every passage, in corpus order (``text`` holds them under the eval lengths)."""
+        return list(self.text.passages.values())
+
 
 def evaluate_dual_encoder(ctx: StageContext, model) -> tuple[dict[str, float], Ranking]:
     model.eval()
     query_ids = ctx.data.judged_queries(ctx.config.eval.split)
-    ranking = dense_search(model.encode_queries, model.encode_passages, ctx.tokenizer, ctx.data, query_ids,
-                           ctx.config.eval, device=ctx.device)
+    with ctx.accelerator.autocast():  # run.mixed_precision applies to evaluation too
+        ranking = dense_search(model.encode_queries, model.encode_passages, ctx.tokenizer, ctx.data, query_ids,
+                               ctx.config.eval, device=ctx.device, passage_ids=ctx.corpus_ids)
     return evaluate_ranking(ctx.data.qrels[ctx.config.eval.split], ranking), ranking
 
 
@@ -72,7 +78,8 @@ def rerank(ctx: StageContext, candidates: Ranking, score_pairs) -> dict[str, flo
         scores = []
         for start in range(0, len(docs), ctx.config.eval.batch_size):
             chunk = docs[start : start + ctx.config.eval.batch_size]
-            scores.append(score_pairs([text.queries[qid]] * len(chunk), [text.passages[d] for d in chunk]).float().cpu())
+            with ctx.accelerator.autocast():
+                scores.append(score_pairs([text.queries[qid]] * len(chunk), [text.passages[d] for d in chunk]).float().cpu())
         order = np.argsort(-torch.cat(scores).numpy(), kind="stable")
         reranked[qid] = [docs[i] for i in order]
     if size > 1:

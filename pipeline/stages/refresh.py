@@ -23,8 +23,10 @@ def run_refresh(ctx: StageContext, stage: RefreshConfig) -> dict[str, dict[str, 
     query_ids = ctx.data.judged_queries(split)
 
     def search(qids, k):
-        return dense_search(model.encode_queries, model.encode_passages, ctx.tokenizer, ctx.data, qids,
-                            dataclasses.replace(config.eval, top_k=k), device=ctx.device)
+        with ctx.accelerator.autocast():
+            return dense_search(model.encode_queries, model.encode_passages, ctx.tokenizer, ctx.data, qids,
+                                dataclasses.replace(config.eval, top_k=k), device=ctx.device,
+                                passage_ids=ctx.corpus_ids)
 
     mined = mine_negatives(ctx.data.qrels[split], query_ids, search, stage.depth, stage.skip_top)
     if ctx.accelerator.is_main_process:

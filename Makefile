@@ -7,7 +7,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench-reference bench-speed clean-venv
+.PHONY: demo test bench-reference bench-quality bench-speed clean-venv
 
 $(VENV)/.core: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(VENV)/.dev
 
 bench-reference: $(VENV)/.bench
 	$(PY) benchmarks/reference_scifact.py
+
+# SciFact quality, every row in one run: --config gpu on a CUDA machine (default there), cpu elsewhere.
+bench-quality: $(VENV)/.bench
+	$(PY) benchmarks/quality_scifact.py $(ARGS)
 
 # Speed against sentence-transformers: --config gpu on a CUDA machine (default there), cpu elsewhere.
 bench-speed: $(VENV)/.bench

@@ -101,6 +101,7 @@ SETTINGS = {
             Experiment("contrastive-only", ablate=tuple(CONTRASTIVE_ONLY)),
             *(Experiment(f"no-{term}", ablate=(term,)) for term in ("kl_ce_col", "kl_col_de", "kl_ce_de", "attn",
                                                                      "dualreg")),
+            Experiment("no-teacher-terms", ablate=tuple(TEACHER_TERMS)),
             Experiment("no-posttrain", overrides=("run.stages=teacher,distill",)),
             Experiment("posttrain MLM + SimCSE", overrides=("posttrain.simcse=1.0",)),
             Experiment("posttrain MLM + Mirror-BERT", overrides=("posttrain.mirror=1.0",)),

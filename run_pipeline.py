@@ -3,7 +3,8 @@
 
 Examples:
     python run_pipeline.py                                   # demo: generated data, tiny BERT, no download
-    python run_pipeline.py --config configs/scifact.yaml run.name=try1 eval.index.kind=hnsw
+    python run_pipeline.py run.name=try1 eval.index.kind=hnsw distill.train.lr=3e-4
+    accelerate launch --config_file configs/accelerate/8gpu_ddp.yaml run_pipeline.py --config configs/msmarco_bert_base.yaml
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Overrides are key.sub=value pairs over the config's fields (see configs/demo.yaml for every "
-        "field). Bad input exits with status 2 and a one-line error; a run stopped by the numerical guard "
+        "field). Under `accelerate launch` every stage's batch_size is the global batch, split over the processes "
+        "(see configs/accelerate/). Bad input exits with status 2 and a one-line error; a run stopped by the numerical guard "
         "exits with status 1.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -655,6 +655,9 @@ def main() -> int:
                              "machine is shared, since oversubscribed threads stall each other)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak bf16 TFLOP/s for MFU (default: looked up by GPU name)")
+    parser.add_argument("--queries", type=int, default=None,
+                        help="queries per training batch (default 32); a 2-core 24 GB machine runs the full "
+                             "distill step out of memory at 32")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
     parser.add_argument("--out", default=None,
                         help="default: benchmarks/results/speed_<config>.json (nothing is written with --quick)")
@@ -681,6 +684,8 @@ def main() -> int:
     cuda = device.type == "cuda"
     autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else nullcontext
     sizes = SIZES["quick" if args.quick else args.config]
+    if args.queries:
+        sizes = replace(sizes, queries=args.queries)
     repeats = args.repeats or (2 if args.quick else 20 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda and not args.quick else 1)
     if sizes.mfu_model is None and "mfu" in only:

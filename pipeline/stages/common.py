@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from data.beir import BeirData
 from data.collate import SpecialTokens, cross_inputs, encoder_inputs
-from pipeline.batches import TokenizedText, check_divisible
+from pipeline.batches import TokenizedText
 from pipeline.config import PipelineConfig
 from pipeline.distributed import gather_objects, world
 from pipeline.evaluate import dense_search
@@ -35,9 +35,9 @@ class StageContext:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def process(self, batch_size: int, key: str) -> dict[str, int]:
-        """``rank`` and ``num_processes`` for a batch source whose global batch is ``batch_size`` (config ``key``)."""
-        check_divisible(batch_size, self.accelerator.num_processes, key)
+    @property
+    def process(self) -> dict[str, int]:
+        """``rank`` and ``num_processes`` for a batch source (``run.check_launch`` checked the batch sizes split)."""
         return {"rank": self.accelerator.process_index, "num_processes": self.accelerator.num_processes}
 
     @cached_property

@@ -132,7 +132,7 @@ def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, 
     cascade = Cascade(de, col, ce, stage, weights, train_teacher)
     active = {k: v for k, v in weights.items() if v and (k != "ce" or train_teacher)}
     batches = GroupBatches(training_groups(ctx, stage.group_size), ctx.text, stage.batch_size,
-                           with_pairs=use["ce"], **ctx.process(stage.batch_size, f"{ctx.stage_dir.name.split('-')[0]}.batch_size"))
+                           with_pairs=use["ce"], **ctx.process)
 
     def step(model, batch: GroupBatch) -> dict[str, torch.Tensor]:
         return model(batch.to(ctx.device))

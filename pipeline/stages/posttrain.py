@@ -61,7 +61,7 @@ class PostTrainer(nn.Module):
 def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[str, float]]:
     model = AutoModelForMaskedLM.from_pretrained(ctx.inputs["encoder"], trust_remote_code=ctx.config.model.trust_remote_code)
     batches = PassageBatches(ctx.text, stage.batch_size, ctx.config.run.seed,
-                             **ctx.process(stage.batch_size, "posttrain.batch_size"))
+                             **ctx.process)
     tokenizer, pooling = ctx.tokenizer, ctx.config.model.pooling
     weights = {"mlm": stage.mlm, "simcse": stage.simcse, "mirror": stage.mirror}
     if not stage.mlm:  # the LM head would get no gradient, which DDP does not allow

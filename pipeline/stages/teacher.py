@@ -22,7 +22,7 @@ def training_groups(ctx: StageContext, group_size: int) -> TrainGroups:
 def run_teacher(ctx: StageContext, stage: TeacherConfig) -> dict[str, dict[str, float]]:
     model = CrossEncoder.from_pretrained(ctx.inputs["encoder"], trust_remote_code=ctx.config.model.trust_remote_code)
     batches = GroupBatches(training_groups(ctx, stage.group_size), ctx.text, stage.batch_size, with_pairs=True,
-                           **ctx.process(stage.batch_size, "teacher.batch_size"))
+                           **ctx.process)
 
     def step(model, batch) -> dict[str, torch.Tensor]:
         batch = batch.to(ctx.device)

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML config file (default: the built-in demo config)")
     parser.add_argument("--stages", help="run or rerun only these stages (comma-separated), reading the "
-                        "other stages' final/ outputs; stages: posttrain, teacher, warmup, refresh, distill")
+                        "other stages' final/ outputs; stages: posttrain, teacher, scores, warmup, refresh, distill")
     parser.add_argument("--ablate", help="also run a variant with these distill terms switched off "
                         "(comma-separated; terms: ce, col, de, kl_ce_col, kl_col_de, kl_ce_de, attn, dualreg)")
     parser.add_argument("--variants", help="YAML file mapping variant names to lists of terms to switch off; "

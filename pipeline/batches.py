@@ -29,10 +29,12 @@ class GroupBatch:
     passages: dict[str, torch.Tensor]  # encoder_inputs, Q * G rows
     pairs: dict[str, torch.Tensor]  # cross_inputs, Q * G rows: query q with each of its passages
     group_size: int
+    teacher_scores: torch.Tensor | None = None  # (Q, G) float32 cached teacher scores, NaN where unscored
 
     def to(self, device) -> "GroupBatch":
         move = lambda inputs: {k: v.to(device) for k, v in inputs.items()}  # noqa: E731
-        return GroupBatch(move(self.queries), move(self.passages), move(self.pairs), self.group_size)
+        teacher = None if self.teacher_scores is None else self.teacher_scores.to(device)
+        return GroupBatch(move(self.queries), move(self.passages), move(self.pairs), self.group_size, teacher)
 
     def shard(self, rank: int, num_processes: int) -> "GroupBatch":
         """Process ``rank``'s groups: its queries and, in group layout, their passages and pairs."""
@@ -41,8 +43,9 @@ class GroupBatch:
         queries = shard_slice(len(self.queries["input_ids"]), rank, num_processes)
         groups = slice(queries.start * self.group_size, queries.stop * self.group_size)
         cut = lambda inputs, rows: {k: v[rows] for k, v in inputs.items()}  # noqa: E731
+        teacher = None if self.teacher_scores is None else self.teacher_scores[queries]
         return GroupBatch(cut(self.queries, queries), cut(self.passages, groups), cut(self.pairs, groups),
-                          self.group_size)
+                          self.group_size, teacher)
 
 
 class TokenizedText:
@@ -74,14 +77,16 @@ class GroupBatches:
     """``batch_at(epoch, index)``: this process's share of global micro-batch ``index`` of ``epoch``.
 
     ``batch_size`` is the global batch in groups (the last partial batch of an epoch is dropped).
+    ``teacher_scores`` (query id -> {passage id: score}), when given, fills ``GroupBatch.teacher_scores``.
     """
 
     def __init__(self, groups: TrainGroups, text: TokenizedText, batch_size: int, with_pairs: bool,
-                 rank: int = 0, num_processes: int = 1):
+                 rank: int = 0, num_processes: int = 1, teacher_scores: dict[str, dict[str, float]] | None = None):
         if len(groups) < batch_size:
             raise ValueError(f"{len(groups)} training queries cannot fill one batch of {batch_size}")
         self.groups, self.text, self.batch_size, self.with_pairs = groups, text, batch_size, with_pairs
         self.rank, self.num_processes = rank, num_processes
+        self.teacher_scores = teacher_scores
         self.per_epoch = len(groups) // batch_size
 
     def batch_at(self, epoch: int, index: int) -> GroupBatch:
@@ -95,7 +100,13 @@ class GroupBatches:
             passages=encoder_inputs(p_ids, self.text.special),
             pairs=cross_inputs(pair_q, p_ids, self.text.special) if self.with_pairs else {},
             group_size=self.groups.group_size,
+            teacher_scores=None if self.teacher_scores is None else self._teacher_rows(groups),
         ).shard(self.rank, self.num_processes)
+
+    def _teacher_rows(self, groups) -> torch.Tensor:
+        nan = float("nan")
+        rows = [[self.teacher_scores.get(g.query_id, {}).get(p, nan) for p in g.passage_ids] for g in groups]
+        return torch.tensor(rows, dtype=torch.float32)  # (Q, G)
 
 
 class PassageBatches:
@@ -108,6 +119,7 @@ class PassageBatches:
         self.ids = [ids for ids in text.passages.values() if len(ids)]
         self.special, self.batch_size, self.seed = text.special, batch_size, seed
         self.rank, self.num_processes = rank, num_processes
+        self.teacher_scores = teacher_scores
         self.per_epoch = len(self.ids) // batch_size
         if self.per_epoch < 1:
             raise ValueError(f"{len(self.ids)} passages cannot fill one batch of {batch_size}")

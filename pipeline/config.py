@@ -22,11 +22,12 @@ from data.errors import InputError
 from pipeline.evaluate import EvalConfig
 from pipeline.faiss_index import INDEX_KINDS, IndexConfig
 from pipeline.io import write_text_atomic
-from pipeline.stages.configs import DistillConfig, PosttrainConfig, RefreshConfig, TeacherConfig, warmup_config
+from pipeline.stages.configs import (DistillConfig, PosttrainConfig, RefreshConfig, ScoresConfig, TeacherConfig,
+                                     warmup_config)
 
 DEMO = "demo"
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-STAGE_NAMES = ("posttrain", "teacher", "warmup", "refresh", "distill")
+STAGE_NAMES = ("posttrain", "teacher", "scores", "warmup", "refresh", "distill")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class DataConfig:
 
     path: str = DEMO
     train_split: str = "train"
+    # Queries of ``train_split`` held out as the split ``dev`` (never trained on), for choosing a
+    # recipe without reading the test split: the first N by sha256("dev:" + query id), fixed.
+    dev_queries: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
     warmup: DistillConfig = field(default_factory=warmup_config)
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -97,6 +102,8 @@ def _check_choices(config: PipelineConfig) -> None:
         "run.mixed_precision": (config.run.mixed_precision, ("no", "fp16", "bf16")),
         "distill.attn_heads": (config.distill.attn_heads, ("mean", "max")),
         "distill.attn_pairs": (config.distill.attn_pairs, ("positive", "all")),
+        "distill.teacher": (config.distill.teacher, ("cross_encoder", "scores")),
+        "warmup.teacher": (config.warmup.teacher, ("cross_encoder", "scores")),
         "model.pooling": (config.model.pooling, ("mean", "cls")),
         "eval.index.kind": (config.eval.index.kind, INDEX_KINDS),
     }

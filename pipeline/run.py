@@ -33,10 +33,13 @@ from pipeline.stages.common import StageContext
 from pipeline.stages.distill import needs, run_distill
 from pipeline.stages.posttrain import run_posttrain
 from pipeline.stages.refresh import NEGATIVES_FILE, run_refresh
+from pipeline.stages.scores import TEACHER_SCORES_FILE, run_scores
 from pipeline.stages.teacher import run_teacher
 
 log = logging.getLogger(__name__)
-RUNNERS = {"posttrain": run_posttrain, "teacher": run_teacher, "warmup": run_distill, "refresh": run_refresh,
+DEV = "dev"
+DETERMINISTIC_STAGES = ("scores",)
+RUNNERS = {"posttrain": run_posttrain, "teacher": run_teacher, "scores": run_scores, "warmup": run_distill, "refresh": run_refresh,
            "distill": run_distill}
 
 
@@ -51,8 +54,29 @@ def resolve_inputs(config: PipelineConfig) -> tuple[Path, str]:
 
 
 def load_data(config: PipelineConfig, data_dir: Path) -> BeirData:
-    splits = tuple(dict.fromkeys((config.data.train_split, config.eval.split)))
-    return load_beir(data_dir, splits)
+    """The data, with ``data.dev_queries`` judged training queries moved to the split ``dev``."""
+    held_out = config.data.dev_queries
+    wanted = (config.data.train_split,) + (() if held_out and config.eval.split == DEV else (config.eval.split,))
+    data = load_beir(data_dir, tuple(dict.fromkeys(wanted)))
+    if not held_out:
+        return data
+    return carve_dev(data, config.data.train_split, held_out)
+
+
+def carve_dev(data: BeirData, train_split: str, size: int) -> BeirData:
+    """``data`` with ``size`` judged queries of ``train_split`` moved to the split ``dev``.
+
+    The choice depends on the query ids alone (first ``size`` by sha256("dev:" + id)), so it is the
+    same on every machine, for every seed and whatever else the run does.
+    """
+    judged = data.judged_queries(train_split)
+    if size >= len(judged):
+        raise InputError(f"data.dev_queries: {size} would leave no training query ({len(judged)} judged)")
+    dev = set(sorted(judged, key=lambda q: hashlib.sha256(f"dev:{q}".encode()).hexdigest())[:size])
+    train = data.qrels[train_split]
+    qrels = {**data.qrels, train_split: {q: d for q, d in train.items() if q not in dev},
+             DEV: {q: d for q, d in train.items() if q in dev}}
+    return dataclasses.replace(data, qrels=qrels)
 
 
 def check_model(config: PipelineConfig, model_path: str):
@@ -102,6 +126,16 @@ def _fingerprint(path: Path) -> list:
             for p in files if p.exists()]
 
 
+def code_digest() -> str:
+    """sha256 of the pipeline's own source (data, models, losses, pipeline): in every stage hash, so a
+    stage trained by other code is trained anew rather than silently reused."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for package in ("data", "models", "losses", "pipeline") for p in (root / package).rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -118,19 +152,37 @@ def stage_plan(config: PipelineConfig) -> list[tuple[str, dict[str, str]]]:
         roles: dict[str, str | None] = {"encoder": latest("posttrain"), "negatives": latest("refresh")}
         if name in ("warmup", "distill", "refresh"):
             roles["dual_encoder"] = latest("warmup", "distill", "posttrain")
-        if name in ("warmup", "distill") and needs(dataclasses.asdict(getattr(config, name).weights))["ce"]:
-            roles["cross_encoder"] = latest("warmup", "distill", "teacher")
-            if roles["cross_encoder"] is None:
-                raise InputError(f"run.stages: '{name}' needs a cross-encoder, so a 'teacher' stage must come before it")
+        if name == "scores" and config.scores.cross_encoder:
+            roles["cross_encoder"] = _required(latest("teacher"), "teacher", name, "scores.cross_encoder is not 0")
+        if name in ("warmup", "distill"):
+            stage = getattr(config, name)
+            use = needs(dataclasses.asdict(stage.weights), stage.teacher)
+            if use["ce"]:
+                roles["cross_encoder"] = _required(latest("warmup", "distill", "teacher"), "teacher", name,
+                                                   "it needs a cross-encoder")
+            if use["cached"]:
+                for term in ("ce", "attn"):
+                    if getattr(stage.weights, term):
+                        raise InputError(f"{name}.weights.{term}: must be 0 with {name}.teacher=scores "
+                                         "(a cached teacher neither trains nor has attention maps)")
+                roles["teacher_scores"] = _required(latest("scores"), "scores", name, f"{name}.teacher is scores")
         plan.append((name, {role: up for role, up in roles.items() if up is not None}))
         seen.append(name)
     return plan
+
+
+def _required(upstream: str | None, kind: str, name: str, why: str) -> str:
+    if upstream is None:
+        raise InputError(f"run.stages: a '{kind}' stage must come before '{name}' ({why})")
+    return upstream
 
 
 def _input_folder(role: str, upstream: str, stage_dir: Path) -> Path:
     final = stage_dir / "final"
     if role == "negatives":
         return final / NEGATIVES_FILE
+    if role == "teacher_scores":
+        return final / TEACHER_SCORES_FILE
     if upstream in ("warmup", "distill"):
         return final / ("cross_encoder" if role == "cross_encoder" else "dual_encoder")
     return final
@@ -173,14 +225,16 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     bm25_ranking = bm25_search(bm25, data, data.judged_queries(split), config.eval.top_k)
     results: dict[str, dict] = {"bm25": {"bm25": evaluate_ranking(data.qrels[split], bm25_ranking)}}
 
-    base = {"data": _fingerprint(data_dir), "model": model_path, "model_files": _fingerprint(Path(model_path)),
-            "seed": config.run.seed, **{k: to_dict(config)[k] for k in ("data", "model", "negatives", "eval")}}
+    base = {"code": code_digest(), "data": _fingerprint(data_dir), "model": model_path,
+            "model_files": _fingerprint(Path(model_path)), **{k: to_dict(config)[k] for k in ("data", "model", "negatives", "eval")}}
     results["initial"] = {"dual-encoder": _evaluate_initial(config, model_path, tokenizer, data, accelerator,
                                                             run_dir / f"initial-{_digest(base)[:8]}.json")}
     hashes: dict[str, str] = {}
     dirs: dict[str, Path] = {}
     for name, roles in plan:
-        digest = _digest({"stage": name, "config": to_dict(getattr(config, name)), "base": base,
+        # A deterministic stage (``scores``) is shared by every seed; the others are not.
+        seed = None if name in DETERMINISTIC_STAGES else config.run.seed
+        digest = _digest({"stage": name, "config": to_dict(getattr(config, name)), "base": base, "seed": seed,
                           "inputs": {role: hashes[up] for role, up in roles.items()}})
         hashes[name] = digest
         stage_dir = run_dir / f"{name}-{digest[:8]}"
@@ -212,7 +266,7 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
             stage_negatives = {row["query_id"]: row["negatives"] for row in read_jsonl(inputs["negatives"])}
         ctx = StageContext(config=config, accelerator=accelerator, data=data, tokenizer=tokenizer, negatives=stage_negatives,
                            stage_dir=stage_dir, inputs={k: str(v) for k, v in inputs.items()},
-                           bm25_test_ranking=bm25_ranking)
+                           bm25_test_ranking=bm25_ranking, bm25=bm25)
         metrics = RUNNERS[name](ctx, getattr(config, name))
         if accelerator.is_main_process:
             write_json_atomic(stage_dir / "eval" / "metrics.json", metrics)

@@ -410,3 +410,15 @@ def test_span_mask_is_deterministic_per_generator_seed():
     special = torch.zeros(2, 20, dtype=torch.bool)
     runs = [mask_random_span(ids, special, 0, torch.Generator().manual_seed(s)) for s in (3, 3)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], ids)
+
+
+def test_score_kl_scaling_is_tau_teacher_times_tau_student():
+    g = torch.Generator().manual_seed(3)
+    teacher, student = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    for tau in (0.05, 0.5, 2.0):  # one shared T: Hinton's T^2
+        scaled = score_kl(teacher, student, tau, tau, scale_by_temperature=True)
+        torch.testing.assert_close(scaled, tau**2 * score_kl(teacher, student, tau, tau))
+    # a dual-encoder student at 0.05 against a teacher at 1: factor 0.05, not 0.05^2
+    plain = score_kl(teacher, student, tau_teacher=1.0, tau_student=0.05)
+    scaled = score_kl(teacher, student, tau_teacher=1.0, tau_student=0.05, scale_by_temperature=True)
+    torch.testing.assert_close(scaled, 0.05 * plain)

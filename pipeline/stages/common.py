@@ -11,12 +11,15 @@ import torch
 from accelerate import Accelerator
 
 from data.beir import BeirData
+from data.bm25 import BM25Index
 from data.collate import SpecialTokens, cross_inputs, encoder_inputs
 from pipeline.batches import TokenizedText
 from pipeline.config import PipelineConfig
 from pipeline.distributed import gather_objects, world
 from pipeline.evaluate import dense_search
-from pipeline.metrics import Ranking, evaluate_ranking
+from pipeline.metrics import Ranking, evaluate_ranking, query_metrics
+
+PER_QUERY = "ndcg@10 per query"  # {query id: nDCG@10}, kept with each model's metrics for paired tests
 
 @dataclass
 class StageContext:
@@ -30,6 +33,7 @@ class StageContext:
     stage_dir: Path
     inputs: dict[str, Path]  # role ("encoder", "cross_encoder", "dual_encoder") -> folder to load
     bm25_test_ranking: Ranking
+    bm25: BM25Index | None = None  # the corpus's BM25 index (the ``scores`` stage reads its scores)
 
     @property
     def device(self) -> torch.device:
@@ -64,7 +68,15 @@ def evaluate_dual_encoder(ctx: StageContext, model) -> tuple[dict[str, float], R
     with ctx.accelerator.autocast():  # run.mixed_precision applies to evaluation too
         ranking = dense_search(model.encode_queries, model.encode_passages, ctx.tokenizer, ctx.data, query_ids,
                                ctx.config.eval, device=ctx.device, passage_ids=ctx.corpus_ids)
-    return evaluate_ranking(ctx.data.qrels[ctx.config.eval.split], ranking), ranking
+    return ranking_metrics(ctx, ranking), ranking
+
+
+def ranking_metrics(ctx: StageContext, ranking: Ranking) -> dict:
+    """Mean metrics of ``ranking`` on the eval split, with each query's nDCG@10 under :data:`PER_QUERY`."""
+    qrels = ctx.data.qrels[ctx.config.eval.split]
+    per_query = {q: round(query_metrics(qrels[q], ranking.get(q, []))["ndcg@10"], 6) for q in sorted(qrels)
+                 if any(s > 0 for s in qrels[q].values())}
+    return {**evaluate_ranking(qrels, ranking), PER_QUERY: per_query}
 
 
 @torch.inference_mode()
@@ -84,7 +96,7 @@ def rerank(ctx: StageContext, candidates: Ranking, score_pairs) -> dict[str, flo
         reranked[qid] = [docs[i] for i in order]
     if size > 1:
         reranked = {qid: docs for part in gather_objects(reranked) for qid, docs in part.items()}
-    metrics = evaluate_ranking(ctx.data.qrels[split], reranked)
+    metrics = ranking_metrics(ctx, reranked)
     metrics.pop("recall@1000")  # only the top ``depth`` candidates were re-ranked
     return metrics
 

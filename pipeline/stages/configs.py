@@ -74,12 +74,32 @@ class DistillConfig:
     attn_layer: int = -1
     attn_heads: str = "mean"  # "mean" or "max"
     attn_pairs: str = "positive"  # "positive" or "all"
+    # "cross_encoder": the teacher stage's model, run in the step; "scores": the frozen, cached
+    # scores of a ``scores`` stage (no teacher forward; ``ce`` and ``attn`` must then be 0).
+    teacher: str = "cross_encoder"
 
 
 def warmup_config() -> DistillConfig:
     """ERNIE-Search's CE -> DE stage before the cascade: the dual-encoder learns from the CE alone."""
     off = dict(col=0.0, kl_ce_col=0.0, kl_col_de=0.0, attn=0.0)
     return DistillConfig(weights=LossWeights(**off))
+
+
+@dataclass(frozen=True)
+class ScoresConfig:
+    """A frozen teacher scored once: every training query against its candidates, cached for ``distill``.
+
+    Candidates are the query's positives and mined negatives. Each component's scores are
+    z-normalised over the query's candidate list and summed with these weights (hybrid lexical +
+    neural ranking); ``dual_encoder`` is the starting encoder (after ``posttrain`` if it ran) and
+    ``cross_encoder`` the ``teacher`` stage's model. ``passage_max_len`` (0: ``eval.passage_max_len``)
+    lets the teacher read more of each passage than the student does.
+    """
+
+    bm25: float = 1.0
+    dual_encoder: float = 1.0
+    cross_encoder: float = 0.0
+    passage_max_len: int = 0
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pipeline.io import atomic_dir
 from pipeline.stages.common import (StageContext, colbert_scorer, cross_encoder_scorer, evaluate_dual_encoder, rerank,
                                     rerank_label)
 from pipeline.stages.configs import DistillConfig
+from pipeline.stages.scores import read_teacher_scores
 from pipeline.stages.teacher import training_groups
 from pipeline.train import train
 
@@ -52,10 +53,12 @@ class Cascade(nn.Module):
         return distill_step(self, batch, self.stage, self.weights, self.train_teacher)
 
 
-def needs(weights: dict[str, float]) -> dict[str, bool]:
-    """Which models a set of weights needs."""
+def needs(weights: dict[str, float], teacher: str = "cross_encoder") -> dict[str, bool]:
+    """What a set of weights needs: the CE model (``ce``), cached teacher scores (``cached``), ColBERT (``col``)."""
+    reads_teacher = any(weights[t] for t in ("ce", "kl_ce_col", "kl_ce_de", "attn"))
     return {
-        "ce": any(weights[t] for t in ("ce", "kl_ce_col", "kl_ce_de", "attn")),
+        "ce": reads_teacher and teacher == "cross_encoder",
+        "cached": reads_teacher and teacher == "scores",
         "col": any(weights[t] for t in ("col", "kl_ce_col", "kl_col_de", "attn")),
     }
 
@@ -65,7 +68,7 @@ def distill_step(cascade: Cascade, batch: GroupBatch, stage: DistillConfig, weig
     """Every non-zero-weighted term of the cascade on one batch."""
     G = batch.group_size
     de, col, ce = cascade.dual_encoder, cascade.colbert, cascade.cross_encoder
-    use = needs(weights)
+    use = needs(weights, stage.teacher)
     q_out, p_out = de(batch.queries, side="query"), de(batch.passages, side="passage")
     Q = q_out.reps.shape[0]
     zeros = torch.zeros(Q, dtype=torch.long, device=q_out.reps.device)
@@ -94,13 +97,17 @@ def distill_step(cascade: Cascade, batch: GroupBatch, stage: DistillConfig, weig
         ce_group = ce_out.scores.view(Q, G)  # (Q, G)
         if weights["ce"] and train_teacher:
             terms["ce"] = contrastive_loss(ce_group, zeros, stage.tau_ce)
+    teacher_mask = None
+    if use["cached"]:  # a frozen teacher's scores, read with the batch; NaN: a candidate it did not score
+        teacher_mask = torch.isfinite(batch.teacher_scores)  # (Q, G)
+        ce_group = batch.teacher_scores.nan_to_num(0.0)  # (Q, G)
     kl = dict(scale_by_temperature=stage.kl_temperature_squared)
     if weights["kl_ce_col"]:
-        terms["kl_ce_col"] = score_kl(ce_group, col_group, stage.tau_ce, stage.tau_col, **kl)
+        terms["kl_ce_col"] = score_kl(ce_group, col_group, stage.tau_ce, stage.tau_col, mask=teacher_mask, **kl)
     if weights["kl_col_de"]:
         terms["kl_col_de"] = score_kl(col_group, de_group, stage.tau_col, stage.tau_de, **kl)
     if weights["kl_ce_de"]:
-        terms["kl_ce_de"] = score_kl(ce_group, de_group, stage.tau_ce, stage.tau_de, **kl)
+        terms["kl_ce_de"] = score_kl(ce_group, de_group, stage.tau_ce, stage.tau_de, mask=teacher_mask, **kl)
     if weights["attn"]:
         block = query_passage_attention(ce_out.attention, batch.pairs["query_lengths"], batch.pairs["passage_lengths"],
                                         q_rep.shape[1], p_tok.tokens.shape[1])
@@ -117,7 +124,7 @@ def distill_step(cascade: Cascade, batch: GroupBatch, stage: DistillConfig, weig
 
 def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, float]]:
     weights = {name: float(value) for name, value in vars(stage.weights).items()}
-    use = needs(weights)
+    use = needs(weights, stage.teacher)
     trust = ctx.config.model.trust_remote_code
     de = DualEncoder.from_pretrained(ctx.inputs["dual_encoder"], pooling=ctx.config.model.pooling,
                                      normalize=ctx.config.model.normalize, trust_remote_code=trust)
@@ -126,13 +133,16 @@ def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, 
     if use["ce"]:
         ce = CrossEncoder.from_pretrained(ctx.inputs["cross_encoder"], attention_layer=stage.attn_layer,
                                           trust_remote_code=trust)
-        if stage.freeze_teacher:
-            ce.requires_grad_(False)
-    train_teacher = use["ce"] and not stage.freeze_teacher
+    # The teacher trains on the fly only when its own term is on: with ``ce`` at 0 it is frozen
+    # (no graph, no dropout, no unused parameters under DDP) even if other terms read it.
+    train_teacher = use["ce"] and bool(weights["ce"]) and not stage.freeze_teacher
+    if ce is not None and not train_teacher:
+        ce.requires_grad_(False)
     cascade = Cascade(de, col, ce, stage, weights, train_teacher)
     active = {k: v for k, v in weights.items() if v and (k != "ce" or train_teacher)}
+    teacher_scores = read_teacher_scores(ctx.inputs["teacher_scores"]) if use["cached"] else None
     batches = GroupBatches(training_groups(ctx, stage.group_size), ctx.text, stage.batch_size,
-                           with_pairs=use["ce"], **ctx.process)
+                           with_pairs=use["ce"], teacher_scores=teacher_scores, **ctx.process)
 
     def step(model, batch: GroupBatch) -> dict[str, torch.Tensor]:
         return model(batch.to(ctx.device))

@@ -1,0 +1,103 @@
+"""The cached hybrid teacher (``scores`` stage), the dev split, and the stage hash's code digest."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline.run as run_module
+from data.bm25 import BM25Config, BM25Index
+from data.errors import InputError
+from pipeline.batches import GroupBatch
+from pipeline.run import carve_dev, load_data, run, stage_plan
+from pipeline.stages.distill import needs
+from pipeline.stages.scores import fuse, read_teacher_scores, zscore
+from tests.test_pipeline import stage_dir, tiny_config
+
+CACHED = ["run.stages=scores,distill", "distill.teacher=scores", "distill.weights.ce=0", "distill.weights.attn=0"]
+
+
+def test_bm25_pair_scores_equal_its_search_scores():
+    index = BM25Index(["red apples", "green pears", "apple pie recipes", "pears and apples"],
+                      BM25Config(stemmer="none", stopwords="none"))
+    scores, indices = index.search(["pears apples"], k=4)
+    pairs = index.score_pairs("pears apples", indices[0])
+    np.testing.assert_allclose(pairs, scores[0], rtol=1e-6)
+
+
+def test_fusion_is_a_weighted_sum_of_per_list_z_scores():
+    bm25, dense = np.array([12.0, 3.0, 7.0]), np.array([0.2, 0.9, 0.5])
+    fused = fuse({"bm25": bm25, "dual_encoder": dense, "cross_encoder": np.array([np.nan] * 3)},
+                 {"bm25": 2.0, "dual_encoder": 1.0, "cross_encoder": 0.0})
+    expected = 2 * (bm25 - bm25.mean()) / bm25.std() + (dense - dense.mean()) / dense.std()
+    np.testing.assert_allclose(fused, expected)
+    # Invariant to each component's scale and offset: BM25's unbounded scores cannot dominate.
+    np.testing.assert_allclose(zscore(100 * bm25 + 5), zscore(bm25))
+
+
+def test_dev_split_is_fixed_disjoint_and_leaves_training_queries(demo_dirs):
+    config = tiny_config("/tmp/unused", f"data.path={demo_dirs[0]}")
+    data = load_data(config, demo_dirs[0])
+    carved = carve_dev(data, "train", 5)
+    dev, train = set(carved.judged_queries("dev")), set(carved.judged_queries("train"))
+    assert len(dev) == 5 and not dev & train and dev | train == set(data.judged_queries("train"))
+    assert carve_dev(data, "train", 5).qrels["dev"] == carved.qrels["dev"]  # the same every time
+    with pytest.raises(InputError, match="dev_queries"):
+        carve_dev(data, "train", len(data.judged_queries("train")))
+
+
+def test_a_cached_teacher_needs_no_cross_encoder_and_refuses_its_own_terms(tmp_path):
+    weights = {t: 1.0 for t in ("ce", "col", "de", "kl_ce_col", "kl_col_de", "kl_ce_de", "attn", "dualreg")}
+    assert needs(weights, "scores") == {"ce": False, "cached": True, "col": True}
+    assert needs({**weights, "kl_ce_col": 0, "kl_ce_de": 0, "ce": 0, "attn": 0}, "scores")["cached"] is False
+    plan = dict(stage_plan(tiny_config(tmp_path, *CACHED)))
+    assert plan["distill"]["teacher_scores"] == "scores" and "cross_encoder" not in plan["distill"]
+    with pytest.raises(InputError, match="distill.weights.attn: must be 0"):
+        stage_plan(tiny_config(tmp_path, *CACHED, "distill.weights.attn=1"))
+    with pytest.raises(InputError, match="'scores' stage must come before 'distill'"):
+        stage_plan(tiny_config(tmp_path, "run.stages=distill", "distill.teacher=scores", "distill.weights.ce=0",
+                               "distill.weights.attn=0"))
+
+
+def test_the_scores_stage_writes_fused_scores_that_distill_reads(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, *CACHED, "data.dev_queries=4", "eval.split=dev", "scores.passage_max_len=40")
+    seen = []
+    original = GroupBatch.to
+
+    def spy(batch, device):  # the teacher scores each step's KL term reads
+        seen.append(batch.teacher_scores.clone())
+        return original(batch, device)
+
+    monkeypatch.setattr(GroupBatch, "to", spy)
+    results = run(config)
+    scores = read_teacher_scores(stage_dir(config, "scores") / "final" / "teacher_scores.jsonl")
+    negatives = {json.loads(line)["query_id"]: json.loads(line)["negatives"]
+                 for line in (config.run_dir / "negatives" / "bm25.jsonl").read_text().splitlines()}
+    assert set(scores) == set(negatives)  # every training query, none of the dev split
+    for qid, row in scores.items():
+        assert set(negatives[qid]) <= set(row)
+        values = np.array(list(row.values()))
+        assert abs(values.mean()) < 1e-4  # two z-scored components: each list sums to ~0
+    assert all(b.shape[1] == 3 and torch.isfinite(b).all() for b in seen)
+    label = next(iter(results["scores"]))
+    assert label.startswith("teacher (bm25 1 + dual-encoder 1)") and "ndcg@10" in results["scores"][label]
+    assert len(results["distill"]["dual-encoder"]["ndcg@10 per query"]) == 4  # the dev queries
+    log = [json.loads(line) for line in (stage_dir(config, "distill") / "train_log.jsonl").read_text().splitlines()]
+    assert "kl_ce_de" in log[0] and "ce" not in log[0] and "attn" not in log[0]
+
+
+def test_a_code_change_retrains_instead_of_reusing(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, "run.stages=teacher", "teacher.train.max_steps=1")
+    run(config)
+    first = stage_dir(config, "teacher")
+    monkeypatch.setattr(run_module, "code_digest", lambda: "other code")
+    run(config)
+    assert first.exists() and len(list(config.run_dir.glob("teacher-*"))) == 2  # trained anew beside it
+
+
+def test_seeds_share_the_deterministic_scores_stage_only(tmp_path):
+    for seed in (1, 2):
+        run(tiny_config(tmp_path, *CACHED, f"run.seed={seed}", "distill.train.max_steps=1"))
+    config = tiny_config(tmp_path, *CACHED)
+    assert len(list(config.run_dir.glob("scores-*"))) == 1 and len(list(config.run_dir.glob("distill-*"))) == 2

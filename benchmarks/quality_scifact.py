@@ -86,6 +86,22 @@ SETTINGS = {
                  "recipe nDCG@10 (mean over seeds)": ("recipe_ndcg@10_mean", ">=", 0.70),
                  "teacher re-ranking BM25 top 100, nDCG@10": ("teacher_rerank_ndcg@10", ">=", 0.70)},
     ),
+    # One command on a CUDA machine (not run yet: no GPU was available): full lengths, bf16, the
+    # trained cross-encoder joins the hybrid teacher, more epochs.
+    "gpu": Setting(
+        overrides=COMMON + (
+            "run.stages=teacher,scores,distill", "run.mixed_precision=bf16",
+            "eval.passage_max_len=254", "eval.batch_size=256",
+            "teacher.batch_size=32", "teacher.group_size=8", "teacher.train.epochs=20", "teacher.train.lr=2e-5",
+            "teacher.train.checkpoint_every=200", "scores.cross_encoder=1.0",
+            "distill.batch_size=32", "distill.train.epochs=10", "distill.train.checkpoint_every=200",
+        ),
+        experiments=(Experiment(RECIPE), Experiment(CONTRASTIVE, ablate=tuple(ALL_BUT_DE))),
+        seeds=(1, 2, 3, 4, 5),
+        targets={"recipe - contrastive-only nDCG@10 (mean over seeds)": ("delta_ndcg@10", ">=", 0.015),
+                 "paired t-test p-value": ("p_value", "<", 0.05),
+                 "recipe nDCG@10 (mean over seeds)": ("recipe_ndcg@10_mean", ">=", 0.72)},
+    ),
 }
 
 

@@ -319,7 +319,7 @@ def distill_loss(cascade, batch: GroupBatch, weights: dict[str, float]) -> Calla
     stage = DistillConfig()
 
     def loss() -> torch.Tensor:
-        terms = distill_step(cascade, batch, stage, weights, train_teacher=True)
+        terms = distill_step(cascade, batch, stage, weights)
         return sum(weights[name] * value for name, value in terms.items())
 
     return loss
@@ -410,8 +410,9 @@ def training_entries(minilm: str, tokenizer, batch: Batch, sizes: Sizes, device:
         from pipeline.stages.distill import Cascade
 
         # The cascade holds the very modules the CE and DE steps train: same weights, same batch.
-        cascade = Cascade(de, ColBERT(de.hidden_size, DistillConfig().colbert_dim).to(device), ce).train()
+        col = ColBERT(de.hidden_size, DistillConfig().colbert_dim).to(device)
         for name, weights in distill_weightings().items():
+            cascade = Cascade(de, col, ce, DistillConfig(), weights).train()
             steps[name] = training_step(cascade.parameters(), distill_loss(cascade, groups, weights), autocast)
     times = time_interleaved(steps, repeats, warmup, device)
 
@@ -570,7 +571,7 @@ def mfu_entries(tokenizer, batch: Batch, sizes: Sizes, device: torch.device, aut
         st = SentenceTransformer(tmp, device=str(device)).train()
         ce = CrossEncoder.from_pretrained(tmp)  # random pooler and head on the same random encoder
         cascade = Cascade(DualEncoder.from_pretrained(tmp), ColBERT(config.hidden_size, DistillConfig().colbert_dim),
-                          ce).to(device).train()
+                          ce, DistillConfig(), distill_weightings()["distill_full"]).to(device).train()
         features = st_de_features(st, batch, sizes, device)
     steps = {
         "project_de": training_step(de.parameters(), project_de_loss(de, groups), autocast),

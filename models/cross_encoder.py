@@ -109,6 +109,7 @@ class CrossEncoder(nn.Module):
         self.model = model
         self.attention_layer = attention_layer % n_layers
         self._probe: AttentionProbe | None = None  # built on first use: scoring alone works for any architecture
+        self.new_parameters: frozenset[str] = frozenset()  # set by from_pretrained
 
     def forward(self, batch: dict[str, torch.Tensor], return_attention: bool = False) -> CrossEncoderOutput:
         """``scores`` (B,); with ``return_attention`` the chosen layer's (B, H, T, T) probabilities too."""
@@ -126,10 +127,13 @@ class CrossEncoder(nn.Module):
         cls, name_or_path: str | Path, attention_layer: int = -1, trust_remote_code: bool = False, **kwargs
     ) -> "CrossEncoder":
         """Any encoder or saved cross-encoder; ``kwargs`` go to ``AutoModelForSequenceClassification``."""
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(name_or_path), num_labels=1, trust_remote_code=trust_remote_code, **kwargs
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(name_or_path), num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
         )
-        return cls(model, attention_layer)
+        cross_encoder = cls(model, attention_layer)
+        # Weights the checkpoint did not hold (the head of an encoder-only checkpoint): initialised here.
+        cross_encoder.new_parameters = frozenset(f"model.{name}" for name in info["missing_keys"])
+        return cross_encoder
 
     def save_pretrained(self, save_directory: str | Path, tokenizer=None) -> None:
         """A plain ``AutoModelForSequenceClassification`` folder (safetensors), with the tokenizer if given."""

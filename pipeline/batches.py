@@ -119,7 +119,6 @@ class PassageBatches:
         self.ids = [ids for ids in text.passages.values() if len(ids)]
         self.special, self.batch_size, self.seed = text.special, batch_size, seed
         self.rank, self.num_processes = rank, num_processes
-        self.teacher_scores = teacher_scores
         self.per_epoch = len(self.ids) // batch_size
         if self.per_epoch < 1:
             raise ValueError(f"{len(self.ids)} passages cannot fill one batch of {batch_size}")

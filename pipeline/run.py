@@ -9,6 +9,7 @@ new folder (and says so). Ablation variants share every stage whose hash is unch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -126,9 +127,11 @@ def _fingerprint(path: Path) -> list:
             for p in files if p.exists()]
 
 
+@functools.cache
 def code_digest() -> str:
     """sha256 of the pipeline's own source (data, models, losses, pipeline): in every stage hash, so a
-    stage trained by other code is trained anew rather than silently reused."""
+    stage trained by other code is trained anew rather than silently reused. Read once per process,
+    when the code is loaded: an edit made while a run goes on does not change its hashes."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(p for package in ("data", "models", "losses", "pipeline") for p in (root / package).rglob("*.py")):
@@ -273,6 +276,8 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
             write_json_atomic(done, {"stage": name, "hash": digest, "inputs": {r: hashes[u] for r, u in roles.items()}})
         accelerator.wait_for_everyone()
         results[name] = metrics
+        if name in ("teacher", "scores"):
+            _warn_if_weaker(name, metrics, results["initial"]["dual-encoder"], config.eval.split)
     for open_tracker in accelerator.trackers:
         open_tracker.finish()
     if accelerator.is_main_process:
@@ -329,8 +334,19 @@ def _evaluate_initial(config, model_path, tokenizer, data, accelerator, cache: P
     return metrics
 
 
+def _warn_if_weaker(name: str, metrics: dict, student: dict, split: str) -> None:
+    """Distilling from a teacher that ranks worse than the student starts out is how distillation hurts."""
+    teacher = next(iter(metrics.values()))["ndcg@10"]
+    if teacher < student["ndcg@10"]:
+        log.warning("stage %s: the teacher's nDCG@10 on %s (%.4f) is below the starting dual-encoder's (%.4f): "
+                    "distilling from it is likely to make the student worse", name, split, teacher, student["ndcg@10"])
+
+
 def _report_changed_config(run_dir: Path, name: str, stage_dir: Path) -> None:
     others = [p for p in run_dir.glob(f"{name}-*") if p != stage_dir and (p / "DONE.json").exists()]
     if others:
         log.warning("stage %s: its config or inputs differ from the finished %s; training anew in %s",
                     name, ", ".join(p.name for p in others), stage_dir.name)
+
+
+code_digest()  # taken when the code is loaded, not when a later run starts

@@ -50,6 +50,10 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimizer steps
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
+    # Learning rate of the parameters a stage creates from scratch (a cross-encoder's new head, the
+    # ColBERT projection): a random head at the encoder's small rate barely moves in a short stage
+    # while its gradients flow into the pretrained encoder. 0: the same as ``lr``.
+    head_lr: float = 0.0
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -113,12 +117,14 @@ def train(
     weights: dict[str, float],
     config: TrainConfig,
     stage_dir: Path,
+    new_parameters: frozenset[str] = frozenset(),
 ) -> TrainState:
     """Train ``model`` (already free of its optimizer) and return the final state.
 
     ``step_fn`` returns unweighted loss terms by name; only terms with a non-zero weight may be
     returned (a term switched off is never computed). Resumes from ``stage_dir/checkpoints`` when a
-    checkpoint is there.
+    checkpoint is there. ``new_parameters`` (names in ``model.named_parameters()``) train at
+    ``config.head_lr`` when it is set.
     """
     if batches_per_epoch < 1:
         raise ValueError("no training batches")
@@ -127,12 +133,14 @@ def train(
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     warmup = int(config.warmup_ratio * total_steps)
-    decay, no_decay = [], []
+    groups: dict[tuple[float, float], list] = {}  # (lr, weight decay) -> parameters
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(param)
+            lr = config.head_lr if config.head_lr and name in new_parameters else config.lr
+            decay = 0.0 if param.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else config.weight_decay
+            groups.setdefault((lr, decay), []).append(param)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in sorted(groups.items())],
         lr=config.lr,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))

@@ -43,7 +43,7 @@ def main() -> None:
     from pipeline.distributed import mean_over_processes
     from pipeline.evaluate import bm25_search
     from pipeline.stages.configs import DistillConfig
-    from pipeline.stages.distill import Cascade
+    from pipeline.stages.distill import Cascade, distill_terms
 
     accelerator = Accelerator(cpu=True)
     data = load_beir(Path(args.data), ("train",))
@@ -62,10 +62,11 @@ def main() -> None:
     col = ColBERT(de.hidden_size, 16)
     stage = DistillConfig(cross_device=not args.no_cross_device)
     weights = {name: 1.0 for name in vars(stage.weights)}
-    model = accelerator.prepare(Cascade(de, col, ce, stage, weights, train_teacher=True))
+    model = accelerator.prepare(Cascade(de, col, ce, stage, weights))
     model.eval()  # no dropout: both runs compute the same function (gradients flow all the same)
 
-    terms = model(batches.batch_at(0, 0))
+    batch = batches.batch_at(0, 0)
+    terms = distill_terms(model(batch), batch.group_size, stage, weights)
     loss = sum(terms.values())
     accelerator.backward(loss)
     logged = mean_over_processes({"loss": float(loss), **{k: float(v) for k, v in terms.items()}})

@@ -19,7 +19,7 @@ def test_saved_config_loads_back_identically(tmp_path):
     config = load_config(None, ["run.name=x", "model.pooling=cls"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
-    assert set(to_dict(config)) == {"run", "data", "model", "negatives", "eval", "posttrain", "teacher", "warmup",
+    assert set(to_dict(config)) == {"run", "data", "model", "negatives", "eval", "posttrain", "teacher", "scores", "warmup",
                                     "refresh", "distill", "demo"}
 
 

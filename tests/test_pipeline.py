@@ -102,8 +102,8 @@ def test_ablation_shares_upstream_stages_and_never_computes_switched_off_terms(t
     seen = []
     real_step = distill_module.distill_step
 
-    def spy(cascade, batch, stage, weights, train_teacher):
-        terms = real_step(cascade, batch, stage, weights, train_teacher)
+    def spy(cascade, batch, stage, weights, autocast):
+        terms = real_step(cascade, batch, stage, weights, autocast)
         seen.append((set(terms), cascade.colbert is None, cascade.cross_encoder is None))
         return terms
 

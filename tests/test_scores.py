@@ -75,10 +75,12 @@ def test_the_scores_stage_writes_fused_scores_that_distill_reads(tmp_path, monke
     negatives = {json.loads(line)["query_id"]: json.loads(line)["negatives"]
                  for line in (config.run_dir / "negatives" / "bm25.jsonl").read_text().splitlines()}
     assert set(scores) == set(negatives)  # every training query, none of the dev split
+    qrels = load_data(config, stage_dir(config, "scores").parents[1] / "demo_assets" / "data").qrels["train"]
     for qid, row in scores.items():
         assert set(negatives[qid]) <= set(row)
-        values = np.array(list(row.values()))
-        assert abs(values.mean()) < 1e-4  # two z-scored components: each list sums to ~0
+        positives = [s for d, s in row.items() if qrels[qid].get(d, 0) > 0]
+        best_negative = max(s for d, s in row.items() if qrels[qid].get(d, 0) <= 0)
+        assert min(positives) >= best_negative + 1.0 - 1e-5  # label correction, positive_margin 1
     assert all(b.shape[1] == 3 and torch.isfinite(b).all() for b in seen)
     label = next(iter(results["scores"]))
     assert label.startswith("teacher (bm25 1 + dual-encoder 1)") and "ndcg@10" in results["scores"][label]
@@ -101,3 +103,14 @@ def test_seeds_share_the_deterministic_scores_stage_only(tmp_path):
         run(tiny_config(tmp_path, *CACHED, f"run.seed={seed}", "distill.train.max_steps=1"))
     config = tiny_config(tmp_path, *CACHED)
     assert len(list(config.run_dir.glob("scores-*"))) == 1 and len(list(config.run_dir.glob("distill-*"))) == 2
+
+
+def test_a_teacher_weaker_than_the_student_is_reported(caplog):
+    from pipeline.run import _warn_if_weaker
+
+    student = {"ndcg@10": 0.62}
+    with caplog.at_level("WARNING"):
+        _warn_if_weaker("scores", {"teacher (bm25 1)": {"ndcg@10": 0.72}}, student, "dev")
+        assert not caplog.records
+        _warn_if_weaker("teacher", {"cross-encoder": {"ndcg@10": 0.46}}, student, "dev")
+    assert "below the starting dual-encoder's (0.6200)" in caplog.records[0].getMessage()

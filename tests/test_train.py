@@ -136,3 +136,18 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     state_file.write_text(json.dumps({**state, "num_processes": 2}))  # as if 2 processes had written it
     with pytest.raises(InputError, match=r"written by 2 process\(es\) and this run has 1"):
         run(tmp_path)
+
+
+def test_new_parameters_train_at_the_head_learning_rate(tmp_path):
+    """With ``head_lr`` the named (freshly initialised) parameters move at their own rate, the rest at ``lr``."""
+    config = TrainConfig(epochs=1, lr=1e-6, head_lr=1e-1, warmup_ratio=0.0, log_every=1, checkpoint_every=100)
+    moved = {}
+    for head_lr in (0.0, 1e-1):
+        model = Toy()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        train(Accelerator(cpu=True), model, make_step(), batch_at, 2, WEIGHTS,
+              TrainConfig(**{**vars(config), "head_lr": head_lr}), tmp_path / str(head_lr),
+              new_parameters=frozenset({"layer.bias"}))
+        moved[head_lr] = {k: (v - start[k]).abs().max().item() for k, v in model.state_dict().items()}
+    assert moved[1e-1]["layer.bias"] > 1e3 * moved[0.0]["layer.bias"]  # the head at 1e-1, not 1e-6
+    assert moved[1e-1]["layer.weight"] == pytest.approx(moved[0.0]["layer.weight"], rel=1e-4)  # the rest unchanged

@@ -1,20 +1,25 @@
 """``distill``: cascaded CE -> ColBERT -> DE distillation, all three trained jointly.
 
 ColBERT shares the dual-encoder's encoder: one forward pass gives the pooled vectors and the token
-vectors ("self on-the-fly distillation"). A term whose weight is 0 is not computed, and neither is
-the model work only it needs: no CE forward when no term uses the CE, no attention probabilities
-when ``attn`` is 0, no ColBERT when no term uses it, no second forward without ``dualreg``.
+vectors ("self on-the-fly distillation"). ``Cascade.forward`` runs the models and returns their
+outputs; ``distill_terms`` builds the loss terms from them with ``losses/``. A term whose weight is
+0 is not computed, and neither is the model work only it needs: no CE forward when no term uses the
+CE, no attention probabilities when ``attn`` is 0, no ColBERT when no term uses it, no second
+forward without ``dualreg``.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from losses import attention_kl, candidate_scores, contrastive_loss, dualreg_loss, reduce_heads, score_kl
-from models.colbert import ColBERT
+from losses import (attention_kl, candidate_scores, contrastive_loss, dualreg_loss, positive_labels, reduce_heads,
+                    score_kl)
+from models.colbert import ColBERT, TokenOutput
 from models.cross_encoder import CrossEncoder, query_passage_attention
 from models.dual_encoder import DualEncoder
 from models.scoring import maxsim_paired
@@ -28,34 +33,12 @@ from pipeline.stages.scores import read_teacher_scores
 from pipeline.stages.teacher import training_groups
 from pipeline.train import train
 
-
-class Cascade(nn.Module):
-    """The models of the cascade in one module, so one optimizer and one checkpoint hold them.
-
-    ``forward(batch)`` returns the step's loss terms (``distill_step``): the prepared (DDP) module
-    is called once per step, as DDP requires.
-    """
-
-    def __init__(self, dual_encoder: DualEncoder, colbert: ColBERT | None, cross_encoder: CrossEncoder | None,
-                 stage: DistillConfig | None = None, weights: dict[str, float] | None = None,
-                 train_teacher: bool = True):
-        super().__init__()
-        self.dual_encoder, self.colbert, self.cross_encoder = dual_encoder, colbert, cross_encoder
-        self.stage, self.weights, self.train_teacher = stage, weights, train_teacher
-
-    def train(self, mode: bool = True) -> "Cascade":
-        super().train(mode)
-        if self.cross_encoder is not None and not self.train_teacher:
-            self.cross_encoder.eval()  # a frozen teacher scores without dropout
-        return self
-
-    def forward(self, batch: GroupBatch) -> dict[str, torch.Tensor]:
-        return distill_step(self, batch, self.stage, self.weights, self.train_teacher)
+TEACHER_TARGETS = ("kl_ce_col", "kl_ce_de", "attn")  # terms that read the teacher as a (detached) target
 
 
 def needs(weights: dict[str, float], teacher: str = "cross_encoder") -> dict[str, bool]:
     """What a set of weights needs: the CE model (``ce``), cached teacher scores (``cached``), ColBERT (``col``)."""
-    reads_teacher = any(weights[t] for t in ("ce", "kl_ce_col", "kl_ce_de", "attn"))
+    reads_teacher = any(weights[t] for t in ("ce", *TEACHER_TARGETS))
     return {
         "ce": reads_teacher and teacher == "cross_encoder",
         "cached": reads_teacher and teacher == "scores",
@@ -63,68 +46,159 @@ def needs(weights: dict[str, float], teacher: str = "cross_encoder") -> dict[str
     }
 
 
-def distill_step(cascade: Cascade, batch: GroupBatch, stage: DistillConfig, weights: dict[str, float],
-                 train_teacher: bool) -> dict[str, torch.Tensor]:
-    """Every non-zero-weighted term of the cascade on one batch."""
-    G = batch.group_size
-    de, col, ce = cascade.dual_encoder, cascade.colbert, cascade.cross_encoder
-    use = needs(weights, stage.teacher)
-    q_out, p_out = de(batch.queries, side="query"), de(batch.passages, side="passage")
-    Q = q_out.reps.shape[0]
-    zeros = torch.zeros(Q, dtype=torch.long, device=q_out.reps.device)
-    if weights["kl_col_de"] or weights["kl_ce_de"]:
-        de_group = candidate_scores(q_out.reps, p_out.reps, G)[0]  # (Q, G)
+def term_weights(stage: DistillConfig) -> dict[str, float]:
+    """The stage's weight of every term, with ``ce`` at 0 unless the CE trains on the fly.
+
+    The CE trains only when its own ``ce`` term is on and it is not frozen: with ``ce`` at 0 it is
+    frozen (no graph, no dropout, no unused parameters under DDP) even if other terms read it.
+    """
+    weights = {name: float(value) for name, value in vars(stage.weights).items()}
+    if not (needs(weights, stage.teacher)["ce"] and weights["ce"] and not stage.freeze_teacher):
+        weights["ce"] = 0.0
+    return weights
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` without dropout inside the block; its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@dataclass
+class CascadeOutput:
+    """What the loss terms read, for Q queries with G passages each; None where no term needs it."""
+
+    q_reps: torch.Tensor  # (Q, D) dual-encoder query vectors
+    p_reps: torch.Tensor  # (Q * G, D) dual-encoder passage vectors, group layout
+    q_reps_2: torch.Tensor | None = None  # (Q, D) DualReg's second dropout view
+    p_reps_2: torch.Tensor | None = None  # (Q * G, D)
+    q_tokens: TokenOutput | None = None  # ColBERT query tokens (Q, Lq, dim), mask (Q, Lq)
+    p_tokens: TokenOutput | None = None  # ColBERT passage tokens (Q * G, Lp, dim), mask (Q * G, Lp)
+    ce_scores: torch.Tensor | None = None  # (Q, G) training CE scores (dropout, graph): the ``ce`` term
+    teacher_scores: torch.Tensor | None = None  # (Q, G) KL targets: eval-mode CE scores or cached scores
+    teacher_mask: torch.Tensor | None = None  # (Q, G) bool, False where the cached teacher did not score
+    teacher_attention: torch.Tensor | None = None  # (Q * G, H, Lq, Lp) CE query x passage attention, eval mode
+
+
+class Cascade(nn.Module):
+    """The models of the cascade in one module, so one optimizer and one checkpoint hold them.
+
+    ``forward(batch)`` runs every model the weights need, once per step as DDP requires, and
+    returns a ``CascadeOutput``; ``distill_terms`` turns it into the loss terms. The CE trains
+    exactly when ``weights["ce"]`` is non-zero (see ``term_weights``); otherwise it has no
+    gradients and scores in eval mode.
+    """
+
+    def __init__(self, dual_encoder: DualEncoder, colbert: ColBERT | None, cross_encoder: CrossEncoder | None,
+                 stage: DistillConfig, weights: dict[str, float]):
+        super().__init__()
+        self.dual_encoder, self.colbert, self.cross_encoder = dual_encoder, colbert, cross_encoder
+        self.stage, self.weights = stage, weights
+        self.train_teacher = cross_encoder is not None and bool(weights["ce"])
+        if cross_encoder is not None and not self.train_teacher:
+            cross_encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Cascade":
+        super().train(mode)
+        if self.cross_encoder is not None and not self.train_teacher:
+            self.cross_encoder.eval()  # a frozen teacher scores without dropout
+        return self
+
+    def forward(self, batch: GroupBatch) -> CascadeOutput:
+        G, weights = batch.group_size, self.weights
+        use = needs(weights, self.stage.teacher)
+        de = self.dual_encoder
+        q_out, p_out = de(batch.queries, side="query"), de(batch.passages, side="passage")
+        out = CascadeOutput(q_out.reps, p_out.reps)
+        Q = out.q_reps.shape[0]
+        if use["col"]:
+            out.q_tokens = self.colbert(batch.queries, last_hidden_state=q_out.last_hidden_state)
+            out.p_tokens = self.colbert(batch.passages, last_hidden_state=p_out.last_hidden_state)
+        if use["ce"]:
+            ce = self.cross_encoder
+            if self.train_teacher:
+                out.ce_scores = ce(batch.pairs).scores.view(Q, G)  # (Q, G)
+            if any(weights[t] for t in TEACHER_TARGETS):
+                # Targets without dropout: a training CE's own scores would carry its dropout noise.
+                with torch.no_grad(), eval_mode(ce):
+                    teacher = ce(batch.pairs, return_attention=bool(weights["attn"]))
+                out.teacher_scores = teacher.scores.view(Q, G)  # (Q, G)
+                if weights["attn"]:
+                    out.teacher_attention = query_passage_attention(
+                        teacher.attention, batch.pairs["query_lengths"], batch.pairs["passage_lengths"],
+                        out.q_tokens.tokens.shape[1], out.p_tokens.tokens.shape[1]).attention  # (Q * G, H, Lq, Lp)
+        if use["cached"]:  # a frozen teacher's scores, read with the batch; NaN: a candidate it did not score
+            out.teacher_mask = torch.isfinite(batch.teacher_scores)  # (Q, G)
+            out.teacher_scores = batch.teacher_scores.nan_to_num(0.0)  # (Q, G)
+        if weights["dualreg"]:
+            out.q_reps_2, out.p_reps_2 = de(batch.queries, side="query").reps, de(batch.passages, side="passage").reps
+        return out
+
+
+def distill_terms(out: CascadeOutput, group_size: int, stage: DistillConfig,
+                  weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Every non-zero-weighted term of one batch, from the cascade's outputs (``ce`` needs ``ce_scores``)."""
+    G, Q = group_size, out.q_reps.shape[0]
+    group_labels = positive_labels(Q, G, in_batch=False, device=out.q_reps.device)  # (Q,) 0: positives lead
     # In-batch candidates: this process's passages, or every process's (RocketQA cross-batch
     # negatives), gathered in rank order with gradients flowing back to their owners.
     across = lambda reps: gather_with_grad(reps) if stage.in_batch and stage.cross_device else (reps, 0)  # noqa: E731
     if weights["de"] or weights["dualreg"]:
-        passages, offset = across(p_out.reps)  # (P, D): (processes * Q * G, D) across devices
+        passages, offset = across(out.p_reps)  # (P, D): (processes * Q * G, D) across devices
+    if weights["kl_col_de"] or weights["kl_ce_de"]:
+        de_group = candidate_scores(out.q_reps, out.p_reps, G)[0]  # (Q, G)
     terms = {}
     if weights["de"]:
-        scores, labels = candidate_scores(q_out.reps, passages, G, in_batch=stage.in_batch, label_offset=offset)
+        scores, labels = candidate_scores(out.q_reps, passages, G, in_batch=stage.in_batch, label_offset=offset)
         terms["de"] = contrastive_loss(scores, labels, stage.tau_de)  # scores (Q, P)
-    if use["col"]:
-        q_tok = col(batch.queries, last_hidden_state=q_out.last_hidden_state)
-        p_tok = col(batch.passages, last_hidden_state=p_out.last_hidden_state)
-        q_rep = q_tok.tokens.repeat_interleave(G, dim=0)  # (Q * G, Lq, dim)
-        q_rep_mask = q_tok.mask.repeat_interleave(G, dim=0)  # (Q * G, Lq)
-        col_group = maxsim_paired(q_rep, q_rep_mask, p_tok.tokens, p_tok.mask).view(Q, G)  # (Q, G)
-        if weights["col"]:
-            terms["col"] = contrastive_loss(col_group, zeros, stage.tau_col)
-    if use["ce"]:
-        with nullcontext() if train_teacher else torch.no_grad():
-            ce_out = ce(batch.pairs, return_attention=bool(weights["attn"]))
-        ce_group = ce_out.scores.view(Q, G)  # (Q, G)
-        if weights["ce"] and train_teacher:
-            terms["ce"] = contrastive_loss(ce_group, zeros, stage.tau_ce)
-    teacher_mask = None
-    if use["cached"]:  # a frozen teacher's scores, read with the batch; NaN: a candidate it did not score
-        teacher_mask = torch.isfinite(batch.teacher_scores)  # (Q, G)
-        ce_group = batch.teacher_scores.nan_to_num(0.0)  # (Q, G)
+    if needs(weights, stage.teacher)["col"]:
+        q_rep = out.q_tokens.tokens.repeat_interleave(G, dim=0)  # (Q * G, Lq, dim)
+        q_rep_mask = out.q_tokens.mask.repeat_interleave(G, dim=0)  # (Q * G, Lq)
+        p_tok, p_mask = out.p_tokens.tokens, out.p_tokens.mask  # (Q * G, Lp, dim), (Q * G, Lp)
+        col_group = maxsim_paired(q_rep, q_rep_mask, p_tok, p_mask).view(Q, G)  # (Q, G)
+    if weights["col"]:
+        terms["col"] = contrastive_loss(col_group, group_labels, stage.tau_col)
+    if weights["ce"]:
+        terms["ce"] = contrastive_loss(out.ce_scores, group_labels, stage.tau_ce)
     kl = dict(scale_by_temperature=stage.kl_temperature_squared)
     if weights["kl_ce_col"]:
-        terms["kl_ce_col"] = score_kl(ce_group, col_group, stage.tau_ce, stage.tau_col, mask=teacher_mask, **kl)
+        terms["kl_ce_col"] = score_kl(out.teacher_scores, col_group, stage.tau_ce, stage.tau_col,
+                                      mask=out.teacher_mask, **kl)
     if weights["kl_col_de"]:
         terms["kl_col_de"] = score_kl(col_group, de_group, stage.tau_col, stage.tau_de, **kl)
     if weights["kl_ce_de"]:
-        terms["kl_ce_de"] = score_kl(ce_group, de_group, stage.tau_ce, stage.tau_de, mask=teacher_mask, **kl)
+        terms["kl_ce_de"] = score_kl(out.teacher_scores, de_group, stage.tau_ce, stage.tau_de,
+                                     mask=out.teacher_mask, **kl)
     if weights["attn"]:
-        block = query_passage_attention(ce_out.attention, batch.pairs["query_lengths"], batch.pairs["passage_lengths"],
-                                        q_rep.shape[1], p_tok.tokens.shape[1])
-        teacher = reduce_heads(block.attention, stage.attn_heads)  # (Q * G, Lq, Lp)
+        teacher = reduce_heads(out.teacher_attention, stage.attn_heads)  # (Q * G, Lq, Lp)
         positives = torch.arange(Q * G, device=teacher.device) % G == 0  # (Q * G,)
         pair_mask = positives if stage.attn_pairs == "positive" else None
-        terms["attn"] = attention_kl(teacher, q_rep, q_rep_mask, p_tok.tokens, p_tok.mask, stage.tau_attn, pair_mask)
+        terms["attn"] = attention_kl(teacher, q_rep, q_rep_mask, p_tok, p_mask, stage.tau_attn, pair_mask)
     if weights["dualreg"]:
-        q_2, p_2 = de(batch.queries, side="query").reps, de(batch.passages, side="passage").reps
-        terms["dualreg"] = dualreg_loss(q_out.reps, q_2, passages, across(p_2)[0], G, stage.tau_de,
-                                        stage.in_batch)
+        terms["dualreg"] = dualreg_loss(out.q_reps, out.q_reps_2, passages, across(out.p_reps_2)[0], G,
+                                        stage.tau_de, stage.in_batch)
     return terms
 
 
+def distill_step(model: nn.Module, batch: GroupBatch, stage: DistillConfig, weights: dict[str, float],
+                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, torch.Tensor]:
+    """One step's terms: the (prepared) cascade called once, then ``distill_terms`` of its outputs.
+
+    ``autocast`` (the accelerator's) gives the terms the precision they had inside the forward.
+    """
+    out = model(batch)
+    with autocast():
+        return distill_terms(out, batch.group_size, stage, weights)
+
+
 def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, float]]:
-    weights = {name: float(value) for name, value in vars(stage.weights).items()}
-    use = needs(weights, stage.teacher)
+    use = needs(vars(stage.weights), stage.teacher)  # a frozen CE with only ``ce`` on is still saved and evaluated
+    weights = term_weights(stage)
     trust = ctx.config.model.trust_remote_code
     de = DualEncoder.from_pretrained(ctx.inputs["dual_encoder"], pooling=ctx.config.model.pooling,
                                      normalize=ctx.config.model.normalize, trust_remote_code=trust)
@@ -133,21 +207,20 @@ def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, 
     if use["ce"]:
         ce = CrossEncoder.from_pretrained(ctx.inputs["cross_encoder"], attention_layer=stage.attn_layer,
                                           trust_remote_code=trust)
-    # The teacher trains on the fly only when its own term is on: with ``ce`` at 0 it is frozen
-    # (no graph, no dropout, no unused parameters under DDP) even if other terms read it.
-    train_teacher = use["ce"] and bool(weights["ce"]) and not stage.freeze_teacher
-    if ce is not None and not train_teacher:
-        ce.requires_grad_(False)
-    cascade = Cascade(de, col, ce, stage, weights, train_teacher)
-    active = {k: v for k, v in weights.items() if v and (k != "ce" or train_teacher)}
+    cascade = Cascade(de, col, ce, stage, weights)
+    active = {k: v for k, v in weights.items() if v}
     teacher_scores = read_teacher_scores(ctx.inputs["teacher_scores"]) if use["cached"] else None
     batches = GroupBatches(training_groups(ctx, stage.group_size), ctx.text, stage.batch_size,
                            with_pairs=use["ce"], teacher_scores=teacher_scores, **ctx.process)
 
     def step(model, batch: GroupBatch) -> dict[str, torch.Tensor]:
-        return model(batch.to(ctx.device))
+        return distill_step(model, batch.to(ctx.device), stage, weights, ctx.accelerator.autocast)
 
-    train(ctx.accelerator, cascade, step, batches.batch_at, batches.per_epoch, active, stage.train, ctx.stage_dir)
+    # Created here, so trained at ``train.head_lr``: the ColBERT projection, and a CE head the checkpoint lacked.
+    new = {f"colbert.{name}" for name, _ in col.named_parameters()} if col is not None else set()
+    new |= {f"cross_encoder.{name}" for name in ce.new_parameters} if ce is not None else set()
+    train(ctx.accelerator, cascade, step, batches.batch_at, batches.per_epoch, active, stage.train, ctx.stage_dir,
+          new_parameters=frozenset(new))
     cascade = ctx.accelerator.unwrap_model(cascade)
     final = ctx.stage_dir / "final"
     if ctx.accelerator.is_main_process:

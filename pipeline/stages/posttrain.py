@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import AutoModelForMaskedLM
@@ -23,24 +25,34 @@ def _special_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return ~real
 
 
+@dataclass
+class PostTrainOutput:
+    """What the post-training terms read; None where no term needs it."""
+
+    mlm_logits: torch.Tensor | None = None  # (B, T, V) on the masked inputs
+    mlm_labels: torch.Tensor | None = None  # (B, T) original ids at masked positions, -100 elsewhere
+    reps: torch.Tensor | None = None  # (B, H) pooled view 1 (dropout)
+    simcse_reps: torch.Tensor | None = None  # (B, H) view 2: independent dropout
+    mirror_reps: torch.Tensor | None = None  # (B, H) view 2: dropout and a masked span
+
+
 class PostTrainer(nn.Module):
-    """The MLM model and its post-training terms: one ``forward`` per step (what DDP needs)."""
+    """The MLM model: one ``forward`` per step (what DDP needs) gives what ``posttrain_terms`` reads."""
 
     def __init__(self, model, stage: PosttrainConfig, tokenizer, pooling: str):
         super().__init__()
         self.model, self.stage, self.pooling = model, stage, pooling
         self.vocab_size, self.mask_id = len(tokenizer), tokenizer.mask_token_id
 
-    def forward(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], seed: int) -> PostTrainOutput:
         stage, model = self.stage, self.model
         special = _special_mask(batch)
         generator = torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
-        terms = {}
+        out = PostTrainOutput()
         if stage.mlm:
-            masked, labels = mask_tokens(batch["input_ids"], special, self.vocab_size, self.mask_id,
-                                         generator, mlm_probability=stage.mlm_probability)
-            logits = model(**model_inputs(model, {**batch, "input_ids": masked})).logits  # (B, T, V)
-            terms["mlm"] = mlm_loss(logits, labels)
+            masked, out.mlm_labels = mask_tokens(batch["input_ids"], special, self.vocab_size, self.mask_id,
+                                                 generator, mlm_probability=stage.mlm_probability)
+            out.mlm_logits = model(**model_inputs(model, {**batch, "input_ids": masked})).logits  # (B, T, V)
         if stage.simcse or stage.mirror:
             encoder = model.base_model
 
@@ -48,14 +60,26 @@ class PostTrainer(nn.Module):
                 hidden = encoder(**model_inputs(encoder, {**batch, "input_ids": input_ids})).last_hidden_state
                 return pool(hidden, batch["attention_mask"], self.pooling)  # (B, H)
 
-            first = view(batch["input_ids"])
+            out.reps = view(batch["input_ids"])
             if stage.simcse:
-                terms["simcse"] = infonce_loss(first, view(batch["input_ids"]), tau=stage.simcse_tau)
+                out.simcse_reps = view(batch["input_ids"])
             if stage.mirror:
                 spans = mask_random_span(batch["input_ids"], special, self.mask_id, generator,
                                          span_length=stage.mirror_span)
-                terms["mirror"] = infonce_loss(first, view(spans), tau=stage.mirror_tau)
-        return terms
+                out.mirror_reps = view(spans)
+        return out
+
+
+def posttrain_terms(out: PostTrainOutput, stage: PosttrainConfig) -> dict[str, torch.Tensor]:
+    """Every non-zero-weighted post-training term, from the trainer's outputs."""
+    terms = {}
+    if stage.mlm:
+        terms["mlm"] = mlm_loss(out.mlm_logits, out.mlm_labels)
+    if stage.simcse:
+        terms["simcse"] = infonce_loss(out.reps, out.simcse_reps, tau=stage.simcse_tau)
+    if stage.mirror:
+        terms["mirror"] = infonce_loss(out.reps, out.mirror_reps, tau=stage.mirror_tau)
+    return terms
 
 
 def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[str, float]]:
@@ -72,7 +96,9 @@ def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[s
 
     def step(module, item) -> dict[str, torch.Tensor]:
         inputs, seed = item
-        return module({k: v.to(ctx.device) for k, v in inputs.items()}, seed)
+        out = module({k: v.to(ctx.device) for k, v in inputs.items()}, seed)
+        with ctx.accelerator.autocast():  # the terms' precision as inside the forward
+            return posttrain_terms(out, stage)
 
     train(ctx.accelerator, trainer, step, batches.batch_at, batches.per_epoch,
           {k: v for k, v in weights.items() if v}, stage.train, ctx.stage_dir)

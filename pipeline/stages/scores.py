@@ -50,6 +50,18 @@ def fuse(components: dict[str, np.ndarray], weights: dict[str, float]) -> np.nda
     return sum(w * zscore(components[name]) for name, w in weights.items() if w)
 
 
+def correct_with_labels(scores: np.ndarray, positive: np.ndarray, margin: float) -> np.ndarray:
+    """Each positive lifted to at least ``max(negative scores) + margin``; negatives unchanged.
+
+    >>> correct_with_labels(np.array([0.5, 2.0, 1.0, 3.0]), np.array([True, False, False, True]), 1.0).tolist()
+    [3.0, 2.0, 1.0, 3.0]
+    """
+    if positive.all() or not positive.any():
+        return scores
+    floor = scores[~positive].max() + margin
+    return np.where(positive, np.maximum(scores, floor), scores)
+
+
 def read_teacher_scores(path: str | Path) -> dict[str, dict[str, float]]:
     """``{query id: {passage id: fused score}}`` as the ``scores`` stage wrote it."""
     return {row["query_id"]: row["scores"] for row in read_jsonl(Path(path))}
@@ -134,6 +146,10 @@ def run_scores(ctx: StageContext, stage: ScoresConfig) -> dict[str, dict[str, fl
              for q in ctx.data.judged_queries(split)}
     lists = {q: list(dict.fromkeys(docs)) for q, docs in lists.items()}  # a positive never counts twice
     fused = teacher.score(lists)
+    if stage.label_correction:
+        qrels = ctx.data.qrels[split]
+        fused = {q: correct_with_labels(s, np.array([qrels[q].get(d, 0) > 0 for d in lists[q]]), stage.positive_margin)
+                 for q, s in fused.items()}
     if ctx.accelerator.is_main_process:
         with atomic_dir(ctx.stage_dir / "final") as staging:
             write_jsonl_atomic(staging / TEACHER_SCORES_FILE, (

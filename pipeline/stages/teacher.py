@@ -30,7 +30,8 @@ def run_teacher(ctx: StageContext, stage: TeacherConfig) -> dict[str, dict[str, 
         labels = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
         return {"ce": contrastive_loss(scores, labels, stage.tau)}
 
-    train(ctx.accelerator, model, step, batches.batch_at, batches.per_epoch, {"ce": 1.0}, stage.train, ctx.stage_dir)
+    train(ctx.accelerator, model, step, batches.batch_at, batches.per_epoch, {"ce": 1.0}, stage.train, ctx.stage_dir,
+          new_parameters=model.new_parameters)
     model = ctx.accelerator.unwrap_model(model)
     if ctx.accelerator.is_main_process:
         with atomic_dir(ctx.stage_dir / "final") as staging:

@@ -1,0 +1,269 @@
+"""The distill step: ``Cascade.forward`` outputs and ``distill_terms`` equal the pre-refactor step,
+KL targets come from the teacher without dropout, and a weight of 0 removes the model work."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+from data.collate import SpecialTokens, cross_inputs, encoder_inputs
+from losses import attention_kl, candidate_scores, contrastive_loss, dualreg_loss, reduce_heads, score_kl
+from models.colbert import ColBERT
+from models.cross_encoder import CrossEncoder, query_passage_attention
+from models.dual_encoder import DualEncoder
+from models.scoring import maxsim_paired
+from pipeline.batches import GroupBatch
+from pipeline.stages.configs import DistillConfig, LossWeights
+from pipeline.stages.distill import Cascade, distill_terms, needs, term_weights
+
+Q, G, VOCAB = 3, 3, 40
+ALL_ON = {name: 1.0 for name in vars(LossWeights())}
+
+
+def reference_step(cascade, batch, stage, weights, train_teacher):
+    """The pre-refactor ``distill_step``, verbatim but for names: the reference for the numbers."""
+    de, col, ce = cascade.dual_encoder, cascade.colbert, cascade.cross_encoder
+    use = needs(weights, stage.teacher)
+    q_out, p_out = de(batch.queries, side="query"), de(batch.passages, side="passage")
+    zeros = torch.zeros(Q, dtype=torch.long)
+    if weights["kl_col_de"] or weights["kl_ce_de"]:
+        de_group = candidate_scores(q_out.reps, p_out.reps, G)[0]
+    passages, offset = p_out.reps, 0  # one process
+    terms = {}
+    if weights["de"]:
+        scores, labels = candidate_scores(q_out.reps, passages, G, in_batch=stage.in_batch, label_offset=offset)
+        terms["de"] = contrastive_loss(scores, labels, stage.tau_de)
+    if use["col"]:
+        q_tok = col(batch.queries, last_hidden_state=q_out.last_hidden_state)
+        p_tok = col(batch.passages, last_hidden_state=p_out.last_hidden_state)
+        q_rep = q_tok.tokens.repeat_interleave(G, dim=0)
+        q_rep_mask = q_tok.mask.repeat_interleave(G, dim=0)
+        col_group = maxsim_paired(q_rep, q_rep_mask, p_tok.tokens, p_tok.mask).view(Q, G)
+        if weights["col"]:
+            terms["col"] = contrastive_loss(col_group, zeros, stage.tau_col)
+    if use["ce"]:
+        with nullcontext() if train_teacher else torch.no_grad():
+            ce_out = ce(batch.pairs, return_attention=bool(weights["attn"]))
+        ce_group = ce_out.scores.view(Q, G)
+        if weights["ce"] and train_teacher:
+            terms["ce"] = contrastive_loss(ce_group, zeros, stage.tau_ce)
+    teacher_mask = None
+    if use["cached"]:
+        teacher_mask = torch.isfinite(batch.teacher_scores)
+        ce_group = batch.teacher_scores.nan_to_num(0.0)
+    kl = dict(scale_by_temperature=stage.kl_temperature_squared)
+    if weights["kl_ce_col"]:
+        terms["kl_ce_col"] = score_kl(ce_group, col_group, stage.tau_ce, stage.tau_col, mask=teacher_mask, **kl)
+    if weights["kl_col_de"]:
+        terms["kl_col_de"] = score_kl(col_group, de_group, stage.tau_col, stage.tau_de, **kl)
+    if weights["kl_ce_de"]:
+        terms["kl_ce_de"] = score_kl(ce_group, de_group, stage.tau_ce, stage.tau_de, mask=teacher_mask, **kl)
+    if weights["attn"]:
+        block = query_passage_attention(ce_out.attention, batch.pairs["query_lengths"], batch.pairs["passage_lengths"],
+                                        q_rep.shape[1], p_tok.tokens.shape[1])
+        teacher = reduce_heads(block.attention, stage.attn_heads)
+        positives = torch.arange(Q * G) % G == 0
+        pair_mask = positives if stage.attn_pairs == "positive" else None
+        terms["attn"] = attention_kl(teacher, q_rep, q_rep_mask, p_tok.tokens, p_tok.mask, stage.tau_attn, pair_mask)
+    if weights["dualreg"]:
+        q_2, p_2 = de(batch.queries, side="query").reps, de(batch.passages, side="passage").reps
+        terms["dualreg"] = dualreg_loss(q_out.reps, q_2, passages, p_2, G, stage.tau_de, stage.in_batch)
+    return terms
+
+
+def bert_config(**extra) -> BertConfig:
+    return BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=40, hidden_dropout_prob=0.2,
+                      attention_probs_dropout_prob=0.2, **extra)
+
+
+def cascade_of(stage: DistillConfig, weights: dict[str, float] | None = None) -> Cascade:
+    """A tiny random cascade in train mode (dropout on); the CE is there even if no term reads it."""
+    torch.manual_seed(0)
+    de = DualEncoder(BertModel(bert_config(), add_pooling_layer=False), pooling="mean", normalize=True)
+    ce = CrossEncoder(BertForSequenceClassification(bert_config(num_labels=1)))
+    return Cascade(de, ColBERT(16, 8), ce, stage, weights or term_weights(stage)).train()
+
+
+def stage_with(teacher: str = "cross_encoder", **weights) -> DistillConfig:
+    """Every term on (1.0) except those given; cross-device gathering is the identity here."""
+    return DistillConfig(weights=LossWeights(**{**ALL_ON, **weights}), teacher=teacher)
+
+
+@pytest.fixture(scope="module")
+def batch() -> GroupBatch:
+    """Q queries of mixed lengths with G passages each, and cached teacher scores with one unscored cell."""
+    g = torch.Generator().manual_seed(0)
+    special = SpecialTokens(cls=1, sep=2, pad=0)
+    ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    queries = [ids(n) for n in (2, 5, 3)]
+    passages = [ids(n) for n in (7, 3, 9, 4, 8, 2, 6, 9, 5)]
+    pairs = cross_inputs([q for q in queries for _ in range(G)], passages, special)
+    cached = torch.randn(Q, G, generator=g)
+    cached[1, 2] = float("nan")
+    return GroupBatch(encoder_inputs(queries, special), encoder_inputs(passages, special), pairs, G, cached)
+
+
+def terms_of(cascade: Cascade, batch: GroupBatch, seed: int = 1) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)  # the same dropout masks as the reference under the same seed
+    return distill_terms(cascade(batch), G, cascade.stage, cascade.weights)
+
+
+def reference_of(cascade: Cascade, batch: GroupBatch, seed: int = 1) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return reference_step(cascade, batch, cascade.stage, cascade.weights, cascade.train_teacher)
+
+
+@pytest.mark.parametrize("stage", [
+    stage_with(ce=0.0),  # frozen teacher: every other term, all read from one eval-mode CE forward
+    stage_with(kl_ce_col=0.0, kl_ce_de=0.0, attn=0.0),  # a training teacher read by no KL target
+    stage_with("scores", ce=0.0, attn=0.0),  # cached teacher scores, one NaN
+    DistillConfig(weights=LossWeights(**{**ALL_ON, "ce": 0.0}), in_batch=False, attn_pairs="all", attn_heads="max",
+                  kl_temperature_squared=True, freeze_teacher=True),
+], ids=["frozen-teacher", "training-teacher-no-targets", "cached-scores", "switches"])
+def test_terms_equal_the_pre_refactor_step(batch, stage):
+    cascade = cascade_of(stage)
+    terms, expected = terms_of(cascade, batch), reference_of(cascade, batch)
+    assert list(terms) == list(expected)  # the same terms in the same order (the loop sums in this order)
+    assert set(terms) == {k for k, v in cascade.weights.items() if v}
+    for name in expected:
+        torch.testing.assert_close(terms[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_training_teacher_is_distilled_from_its_eval_mode_scores(batch):
+    cascade = cascade_of(stage_with())  # every term on: the CE trains and is read as a target
+    assert cascade.train_teacher
+    torch.manual_seed(1)
+    out = cascade(batch)
+    terms = distill_terms(out, G, cascade.stage, cascade.weights)
+    expected = reference_of(cascade, batch)
+    for name in ("de", "col", "ce", "kl_col_de", "dualreg"):  # the targets' forward draws no dropout mask
+        torch.testing.assert_close(terms[name], expected[name], rtol=0, atol=0, msg=name)
+
+    ce, stage = cascade.cross_encoder, cascade.stage
+    assert ce.training  # back in train mode after the targets' forward
+    with torch.no_grad():
+        ce.eval()
+        clean = ce(batch.pairs, return_attention=True)
+        ce.train()
+    q_rep = out.q_tokens.tokens.repeat_interleave(G, dim=0)
+    q_mask = out.q_tokens.mask.repeat_interleave(G, dim=0)
+    col_group = maxsim_paired(q_rep, q_mask, out.p_tokens.tokens, out.p_tokens.mask).view(Q, G)
+    de_group = candidate_scores(out.q_reps, out.p_reps, G)[0]
+    targets = clean.scores.view(Q, G)
+    block = query_passage_attention(clean.attention, batch.pairs["query_lengths"], batch.pairs["passage_lengths"],
+                                    q_rep.shape[1], out.p_tokens.tokens.shape[1]).attention
+    direct = {
+        "kl_ce_col": score_kl(targets, col_group, stage.tau_ce, stage.tau_col),
+        "kl_ce_de": score_kl(targets, de_group, stage.tau_ce, stage.tau_de),
+        "attn": attention_kl(reduce_heads(block), q_rep, q_mask, out.p_tokens.tokens, out.p_tokens.mask,
+                             stage.tau_attn, torch.arange(Q * G) % G == 0),
+    }
+    for name, value in direct.items():
+        torch.testing.assert_close(terms[name], value, msg=name)
+        assert not torch.allclose(terms[name], expected[name]), name  # the old targets had dropout in them
+
+
+def test_kl_targets_do_not_depend_on_the_dropout_rng(batch):
+    cascade = cascade_of(stage_with())
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(cascade(batch))
+    assert not torch.allclose(runs[0].ce_scores, runs[1].ce_scores)  # the ``ce`` term trains with dropout
+    torch.testing.assert_close(runs[0].teacher_scores, runs[1].teacher_scores, rtol=0, atol=0)
+    torch.testing.assert_close(runs[0].teacher_attention, runs[1].teacher_attention, rtol=0, atol=0)
+    with torch.no_grad():
+        clean = cascade.cross_encoder.eval()(batch.pairs).scores.view(Q, G)
+    torch.testing.assert_close(runs[0].teacher_scores, clean)
+    assert runs[0].ce_scores.requires_grad and not runs[0].teacher_scores.requires_grad
+
+
+def spy_calls(monkeypatch, module) -> list[dict]:
+    """Each call of ``module``: its mode, whether grad was on, and its keyword arguments."""
+    calls, forward = [], module.forward
+
+    def spy(*args, **kwargs):
+        calls.append({"training": module.training, "grad": torch.is_grad_enabled(), **kwargs})
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("off, ce_calls, col_calls, de_calls", [
+    ((), [{"training": True, "grad": True}, {"training": False, "grad": False, "return_attention": True}], 2, 4),
+    (("ce",), [{"training": False, "grad": False, "return_attention": True}], 2, 4),
+    (("attn",), [{"training": True, "grad": True}, {"training": False, "grad": False, "return_attention": False}],
+     2, 4),
+    (("kl_ce_col", "kl_ce_de", "attn"), [{"training": True, "grad": True}], 2, 4),
+    (("ce", "kl_ce_col", "kl_ce_de", "attn"), [], 2, 4),
+    (("col", "kl_ce_col", "kl_col_de", "attn"), [{"training": True, "grad": True},
+                                                  {"training": False, "grad": False, "return_attention": False}], 0, 4),
+    (("dualreg",), [{"training": True, "grad": True}, {"training": False, "grad": False, "return_attention": True}],
+     2, 2),
+])
+def test_a_zero_weight_removes_the_model_work(batch, monkeypatch, off, ce_calls, col_calls, de_calls):
+    cascade = cascade_of(stage_with(**{name: 0.0 for name in off}))
+    ce_seen = spy_calls(monkeypatch, cascade.cross_encoder)
+    col_seen, de_seen = spy_calls(monkeypatch, cascade.colbert), spy_calls(monkeypatch, cascade.dual_encoder)
+    terms = distill_terms(cascade(batch), G, cascade.stage, cascade.weights)
+    assert set(terms) == set(ALL_ON) - set(off)
+    assert ce_seen == ce_calls and len(col_seen) == col_calls and len(de_seen) == de_calls
+
+
+@pytest.mark.parametrize("stage", [stage_with(ce=0.0, col=0.0, kl_ce_col=0.0, kl_col_de=0.0, attn=0.0, dualreg=0.0),
+                                   DistillConfig(freeze_teacher=True)], ids=["ce-weight-0", "freeze_teacher"])
+def test_a_teacher_without_its_own_term_is_frozen(batch, stage):
+    weights = term_weights(stage)
+    assert weights["ce"] == 0.0
+    cascade = cascade_of(stage, weights)
+    ce = cascade.cross_encoder
+    assert not cascade.train_teacher and not ce.training  # train() leaves it in eval mode
+    assert not any(p.requires_grad for p in ce.parameters())
+    terms = distill_terms(cascade(batch), G, cascade.stage, weights)
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in ce.parameters())
+    assert any(p.grad is not None for p in cascade.dual_encoder.parameters())
+
+
+def test_a_teacher_with_its_own_term_trains(batch):
+    cascade = cascade_of(stage_with(kl_ce_col=0.0, attn=0.0))
+    assert cascade.weights["ce"] == 1.0 and cascade.train_teacher and cascade.cross_encoder.training
+    terms = distill_terms(cascade(batch), G, cascade.stage, cascade.weights)
+    terms["ce"].backward()
+    assert all(p.grad is not None for p in cascade.cross_encoder.parameters() if p.requires_grad)
+
+
+def best_attention_kl(teacher: torch.Tensor, tau: float, steps: int = 200) -> float:
+    """The lowest ``attention_kl`` that Adam finds over free unit query / passage token vectors (128-d)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 128, generator=g).requires_grad_()  # (B, Lq, dim)
+    p = torch.randn(1, teacher.shape[-1], 128, generator=g).requires_grad_()  # (B, Lp, dim)
+    q_mask, p_mask = torch.ones(1, 1, dtype=torch.bool), torch.ones(1, teacher.shape[-1], dtype=torch.bool)
+    optimizer = torch.optim.Adam([q, p], lr=0.05)
+    for _ in range(steps):
+        loss = attention_kl(teacher, F.normalize(q, dim=-1), q_mask, F.normalize(p, dim=-1), p_mask, tau)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def test_default_tau_attn_lets_colbert_match_a_peaked_teacher_row():
+    Lp = 100
+    teacher = torch.full((1, 1, Lp), 0.1 / (Lp - 1))  # (B, Lq, Lp): 90% of the row on one passage token
+    teacher[..., 0] = 0.9
+    tau = DistillConfig().tau_attn
+    assert best_attention_kl(teacher, tau) < 0.01
+    # At tau 1, unit vectors give logits in [-1, 1]: no token gets more than e^2 / (e^2 + 99) of a row,
+    # so KL >= the binary KL of 0.9 against that share (log-sum inequality), whatever the vectors.
+    top = math.exp(2) / (math.exp(2) + Lp - 1)
+    bound = 0.9 * math.log(0.9 / top) + 0.1 * math.log(0.1 / (1 - top))
+    assert bound > 2.0
+    assert best_attention_kl(teacher, 1.0) >= bound - 1e-4

@@ -37,7 +37,7 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "runs"
     seed: int = 13
-    stages: str = "posttrain,teacher,distill"  # in order; any of posttrain, teacher, warmup, refresh, distill
+    stages: str = "posttrain,teacher,distill"  # in order; any of posttrain, teacher, scores, warmup, refresh, distill
     mixed_precision: str = "no"  # "no", "fp16" or "bf16" (Accelerate)
 
 
@@ -123,6 +123,12 @@ def _check_choices(config: PipelineConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise InputError(f"{key}: must be >= 1, got {value}")
+    weights = {f"scores.{k}": getattr(config.scores, k) for k in ("bm25", "dual_encoder", "cross_encoder")}
+    for key, value in weights.items():
+        if value < 0:
+            raise InputError(f"{key}: must be >= 0, got {value}")
+    if "scores" in config.stage_names and not any(weights.values()):
+        raise InputError("scores: every component weight (bm25, dual_encoder, cross_encoder) is 0")
 
 
 def _build(default, values: Any, where: str, source: str | None):

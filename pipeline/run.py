@@ -164,6 +164,10 @@ def stage_plan(config: PipelineConfig) -> list[tuple[str, dict[str, str]]]:
                 roles["cross_encoder"] = _required(latest("warmup", "distill", "teacher"), "teacher", name,
                                                    "it needs a cross-encoder")
             if use["cached"]:
+                scored_on = dict(plan).get("scores", {}).get("negatives")  # the refresh the teacher scored, if any
+                if latest("scores") and latest("refresh") != scored_on:
+                    raise InputError(f"run.stages: '{name}' and the 'scores' stage before it must train on the same "
+                                     "negatives (no 'refresh' between them): the cached teacher scored those")
                 for term in ("ce", "attn"):
                     if getattr(stage.weights, term):
                         raise InputError(f"{name}.weights.{term}: must be 0 with {name}.teacher=scores "
@@ -223,7 +227,9 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
 
     bm25 = BM25Index(data.passage_texts(), config.negatives.bm25)
     with accelerator.main_process_first():  # mined and written once, read by the other processes
-        negatives = mine_bm25_negatives(config, data, bm25, run_dir / "negatives" / "bm25.jsonl")
+        # Keyed by what decides them: another dev split, depth or data gets its own file.
+        key = _digest({"data": to_dict(config.data), "files": _fingerprint(data_dir), "negatives": to_dict(config.negatives)})
+        negatives = mine_bm25_negatives(config, data, bm25, run_dir / "negatives" / f"bm25-{key[:8]}.jsonl")
     split = config.eval.split
     bm25_ranking = bm25_search(bm25, data, data.judged_queries(split), config.eval.top_k)
     results: dict[str, dict] = {"bm25": {"bm25": evaluate_ranking(data.qrels[split], bm25_ranking)}}

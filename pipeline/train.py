@@ -212,7 +212,8 @@ def train(
         progress.update(1)
         if state.step % config.log_every == 0 or state.step == total_steps:
             running = mean_over_processes(running, accelerator.device)  # each process's loss is over its own rows
-            record = {"step": state.step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+            factor = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["initial_lr"]  # same for every group
+            record = {"step": state.step, "epoch": epoch, "lr": config.lr * factor,
                       "skipped_steps": state.skipped_steps, **running}
             _log(accelerator, log_path, record, prefix=stage_dir.name.split("-")[0])
             progress.set_postfix(loss=f"{running['loss']:.4f}")

@@ -73,7 +73,7 @@ def test_the_scores_stage_writes_fused_scores_that_distill_reads(tmp_path, monke
     results = run(config)
     scores = read_teacher_scores(stage_dir(config, "scores") / "final" / "teacher_scores.jsonl")
     negatives = {json.loads(line)["query_id"]: json.loads(line)["negatives"]
-                 for line in (config.run_dir / "negatives" / "bm25.jsonl").read_text().splitlines()}
+                 for line in next((config.run_dir / "negatives").glob("bm25-*.jsonl")).read_text().splitlines()}
     assert set(scores) == set(negatives)  # every training query, none of the dev split
     qrels = load_data(config, stage_dir(config, "scores").parents[1] / "demo_assets" / "data").qrels["train"]
     for qid, row in scores.items():
@@ -81,7 +81,7 @@ def test_the_scores_stage_writes_fused_scores_that_distill_reads(tmp_path, monke
         positives = [s for d, s in row.items() if qrels[qid].get(d, 0) > 0]
         best_negative = max(s for d, s in row.items() if qrels[qid].get(d, 0) <= 0)
         assert min(positives) >= best_negative + 1.0 - 1e-5  # label correction, positive_margin 1
-    assert all(b.shape[1] == 3 and torch.isfinite(b).all() for b in seen)
+    assert seen and all(b.shape[1] == 3 and torch.isfinite(b).all() for b in seen)
     label = next(iter(results["scores"]))
     assert label.startswith("teacher (bm25 1 + dual-encoder 1)") and "ndcg@10" in results["scores"][label]
     assert len(results["distill"]["dual-encoder"]["ndcg@10 per query"]) == 4  # the dev queries
@@ -114,3 +114,11 @@ def test_a_teacher_weaker_than_the_student_is_reported(caplog):
         assert not caplog.records
         _warn_if_weaker("teacher", {"cross-encoder": {"ndcg@10": 0.46}}, student, "dev")
     assert "below the starting dual-encoder's (0.6200)" in caplog.records[0].getMessage()
+
+
+def test_a_refresh_between_the_cached_teacher_and_its_reader_is_refused(tmp_path):
+    with pytest.raises(InputError, match="same negatives"):
+        stage_plan(tiny_config(tmp_path, "run.stages=scores,refresh,distill", *CACHED[1:]))
+    assert "teacher_scores" in dict(stage_plan(tiny_config(tmp_path, "run.stages=refresh,scores,distill", *CACHED[1:])))["distill"]
+    with pytest.raises(InputError, match="every component weight"):
+        tiny_config(tmp_path, *CACHED, "scores.bm25=0", "scores.dual_encoder=0")

@@ -94,7 +94,7 @@ SETTINGS = {
             "run.stages=teacher,scores,distill", "run.mixed_precision=bf16",
             "eval.passage_max_len=254", "eval.batch_size=256",
             "teacher.batch_size=32", "teacher.group_size=8", "teacher.train.epochs=20", "teacher.train.lr=2e-5",
-            "teacher.train.checkpoint_every=200", "scores.cross_encoder=1.0",
+            "teacher.train.checkpoint_every=200", "teacher.train.head_lr=1e-4", "scores.cross_encoder=1.0",
             "distill.batch_size=32", "distill.train.epochs=10", "distill.train.checkpoint_every=200",
         ),
         experiments=(Experiment(RECIPE), Experiment(CONTRASTIVE, ablate=tuple(ALL_BUT_DE))),

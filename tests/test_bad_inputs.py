@@ -77,7 +77,7 @@ CASES = {
     "unknown stage": (plain("run.stages=posttrain,finetune"), "run.stages: unknown stage 'finetune'"),
     "zero batch size": (plain("eval.batch_size=0"), "eval.batch_size: must be >= 1"),
     "malformed override": (plain("run.name"), "expected key.sub=value"),
-    "distill without teacher": (plain("run.stages=posttrain,distill"), "'distill' needs a cross-encoder"),
+    "distill without teacher": (plain("run.stages=posttrain,distill"), "a 'teacher' stage must come before 'distill'"),
     "missing config file": (plain("--config", "/nonexistent.yaml"), "/nonexistent.yaml: cannot read config"),
     "unknown ablation term": (plain("--ablate", "attention"), "--ablate: unknown term 'attention'"),
     "stage not in the run": (plain("--stages", "warmup"), "--stages: 'warmup' is not in run.stages"),

@@ -69,3 +69,14 @@ def test_exponent_without_a_dot_is_a_float(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("distill:\n  train:\n    lr: 3E-5\n")
     assert load_config(path).distill.train.lr == 3e-5
+
+
+def test_the_recommended_recipe_loads_and_plans_a_cached_teacher():
+    from pathlib import Path
+
+    from pipeline.run import stage_plan
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "recommended.yaml")
+    assert dict(stage_plan(config))["distill"] == {"teacher_scores": "scores"}
+    active = {k for k, v in vars(config.distill.weights).items() if v}
+    assert active == {"de", "kl_ce_de"} and config.scores.label_correction

@@ -33,12 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(comma-separated; terms: ce, col, de, kl_ce_col, kl_col_de, kl_ce_de, attn, dualreg)")
     parser.add_argument("--variants", help="YAML file mapping variant names to lists of terms to switch off; "
                         "runs them all and ends with one comparison table (ablation.md)")
+    parser.add_argument("--plan", action="store_true", help="print what the command would do and write nothing: "
+                        "each stage's hash and status (done, resumes at step N, will run, reused from another variant), "
+                        "and the settings that changed where a finished stage is not reused")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     for package in ("pipeline", "data", "models"):
         logging.getLogger(package).setLevel(logging.INFO)
@@ -63,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             variants["no-" + "-".join(args.ablate.split(","))] = args.ablate.split(",")
         for terms in variants.values():
             ablated(config, terms)  # an unknown term fails here, before anything runs
-        if variants:
+        if args.plan:
+            from pipeline.plan import describe_plan
+
+            print(describe_plan([("full", config)] + [(name, ablated(config, terms)) for name, terms in variants.items()], only))
+        elif variants:
             run_ablation(config, variants, only)
         else:
             run(config, only)

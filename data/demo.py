@@ -194,6 +194,15 @@ def _write_demo(root: Path, spec: DemoSpec) -> None:
     (root / "demo.json").write_text(json.dumps({"version": DEMO_FORMAT_VERSION, **asdict(spec)}, indent=1))
 
 
+def built_demo(root: str | os.PathLike, spec: DemoSpec = DemoSpec()) -> tuple[Path, Path] | None:
+    """(data dir, model dir) of the demo already built under ``root`` from ``spec``; None if there is none."""
+    root = Path(root)
+    marker = root / "demo.json"
+    if marker.exists() and json.loads(marker.read_text()) == {"version": DEMO_FORMAT_VERSION, **asdict(spec)}:
+        return root / "data", root / "model"
+    return None
+
+
 def ensure_demo(root: str | os.PathLike, spec: DemoSpec = DemoSpec()) -> tuple[Path, Path]:
     """Build the demo under ``root`` unless an identical one is there; returns (data dir, model dir).
 
@@ -201,10 +210,9 @@ def ensure_demo(root: str | os.PathLike, spec: DemoSpec = DemoSpec()) -> tuple[P
     leaves a half-written demo behind.
     """
     root = Path(root)
-    manifest = {"version": DEMO_FORMAT_VERSION, **asdict(spec)}
-    marker = root / "demo.json"
-    if marker.exists() and json.loads(marker.read_text()) == manifest:
-        return root / "data", root / "model"
+    built = built_demo(root, spec)
+    if built is not None:
+        return built
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:

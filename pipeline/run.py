@@ -9,7 +9,6 @@ new folder (and says so). Ablation variants share every stage whose hash is unch
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib.util
 import json
@@ -20,18 +19,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from data.beir import BeirData, load_beir
-from data.demo import ensure_demo
 from data.errors import InputError
 from data.bm25 import BM25Index
 from data.negatives import mine_negatives
 from pipeline.batches import check_divisible
-from pipeline.config import DEMO, PipelineConfig, save_config, to_dict
+from pipeline.config import PipelineConfig, save_config
 from pipeline.evaluate import bm25_search, evaluate_dense
 from pipeline.io import read_jsonl, remove_tree, write_json_atomic, write_jsonl_atomic
 from pipeline.metrics import evaluate_ranking
+from pipeline.plan import (base_key, check_model_path, initial_file, negatives_file, plan_stages, resolve_inputs,
+                           stage_action, stage_state)
 from pipeline.report import stage_table, write_report
 from pipeline.stages.common import StageContext
-from pipeline.stages.distill import needs, run_distill
+from pipeline.stages.distill import run_distill
 from pipeline.stages.posttrain import run_posttrain
 from pipeline.stages.refresh import NEGATIVES_FILE, run_refresh
 from pipeline.stages.scores import TEACHER_SCORES_FILE, run_scores
@@ -39,19 +39,8 @@ from pipeline.stages.teacher import run_teacher
 
 log = logging.getLogger(__name__)
 DEV = "dev"
-DETERMINISTIC_STAGES = ("scores",)
 RUNNERS = {"posttrain": run_posttrain, "teacher": run_teacher, "scores": run_scores, "warmup": run_distill, "refresh": run_refresh,
            "distill": run_distill}
-
-
-def resolve_inputs(config: PipelineConfig) -> tuple[Path, str]:
-    """(data dir, model name or path), building the embedded demo where ``demo`` is asked for."""
-    data_path, model_path = config.data.path, config.model.name_or_path
-    if DEMO in (data_path, model_path):
-        demo_data, demo_model = ensure_demo(Path(config.run.output_dir) / "demo_assets", config.demo)
-        data_path = str(demo_data) if data_path == DEMO else data_path
-        model_path = str(demo_model) if model_path == DEMO else model_path
-    return Path(data_path), model_path
 
 
 def load_data(config: PipelineConfig, data_dir: Path) -> BeirData:
@@ -82,15 +71,9 @@ def carve_dev(data: BeirData, train_split: str, size: int) -> BeirData:
 
 def check_model(config: PipelineConfig, model_path: str):
     """The model's tokenizer; fails early, with one line, on a model that cannot be used."""
-    from huggingface_hub.constants import HF_HUB_OFFLINE
     from transformers import AutoConfig, AutoTokenizer
 
-    local = Path(model_path)
-    if model_path.startswith((".", "/", "~")) or local.exists():
-        if not (local / "config.json").is_file():
-            raise InputError("model not found (expected a folder with config.json)", model_path)
-    elif HF_HUB_OFFLINE:
-        raise InputError("not a local folder, and the hub is offline (HF_HUB_OFFLINE=1)", model_path)
+    check_model_path(model_path)
     try:
         model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
@@ -119,69 +102,6 @@ def mine_bm25_negatives(config: PipelineConfig, data: BeirData, index: BM25Index
                                config.negatives.depth)
     write_jsonl_atomic(path, ({"query_id": q, "negatives": negatives[q]} for q in query_ids))
     return negatives
-
-
-def _fingerprint(path: Path) -> list:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns)
-            for p in files if p.exists()]
-
-
-@functools.cache
-def code_digest() -> str:
-    """sha256 of the pipeline's own source (data, models, losses, pipeline): in every stage hash, so a
-    stage trained by other code is trained anew rather than silently reused. Read once per process,
-    when the code is loaded: an edit made while a run goes on does not change its hashes."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(p for package in ("data", "models", "losses", "pipeline") for p in (root / package).rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def stage_plan(config: PipelineConfig) -> list[tuple[str, dict[str, str]]]:
-    """Each stage with the upstream stages it reads, by role: ``{"encoder": "posttrain", ...}``.
-
-    Roles: ``encoder`` (the post-trained encoder), ``dual_encoder`` (the latest trained one),
-    ``cross_encoder`` (the latest trained one) and ``negatives`` (the latest refresh, else BM25).
-    """
-    plan, seen = [], []
-    for name in config.stage_names:
-        latest = lambda *kinds: next((s for s in reversed(seen) if s in kinds), None)  # noqa: E731
-        roles: dict[str, str | None] = {"encoder": latest("posttrain"), "negatives": latest("refresh")}
-        if name in ("warmup", "distill", "refresh"):
-            roles["dual_encoder"] = latest("warmup", "distill", "posttrain")
-        if name == "scores" and config.scores.cross_encoder:
-            roles["cross_encoder"] = _required(latest("teacher"), "teacher", name, "scores.cross_encoder is not 0")
-        if name in ("warmup", "distill"):
-            stage = getattr(config, name)
-            use = needs(dataclasses.asdict(stage.weights), stage.teacher)
-            if use["ce"]:
-                roles["cross_encoder"] = _required(latest("warmup", "distill", "teacher"), "teacher", name,
-                                                   "it needs a cross-encoder")
-            if use["cached"]:
-                scored_on = dict(plan).get("scores", {}).get("negatives")  # the refresh the teacher scored, if any
-                if latest("scores") and latest("refresh") != scored_on:
-                    raise InputError(f"run.stages: '{name}' and the 'scores' stage before it must train on the same "
-                                     "negatives (no 'refresh' between them): the cached teacher scored those")
-                for term in ("ce", "attn"):
-                    if getattr(stage.weights, term):
-                        raise InputError(f"{name}.weights.{term}: must be 0 with {name}.teacher=scores "
-                                         "(a cached teacher neither trains nor has attention maps)")
-                roles["teacher_scores"] = _required(latest("scores"), "scores", name, f"{name}.teacher is scores")
-        plan.append((name, {role: up for role, up in roles.items() if up is not None}))
-        seen.append(name)
-    return plan
-
-
-def _required(upstream: str | None, kind: str, name: str, why: str) -> str:
-    if upstream is None:
-        raise InputError(f"run.stages: a '{kind}' stage must come before '{name}' ({why})")
-    return upstream
 
 
 def _input_folder(role: str, upstream: str, stage_dir: Path) -> Path:
@@ -215,10 +135,11 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
         data_dir, model_path = resolve_inputs(config)
         data = load_data(config, data_dir)
     tokenizer = check_model(config, model_path)
-    plan = stage_plan(config)
     for name in only or []:
         if name not in config.stage_names:
             raise InputError(f"--stages: '{name}' is not in run.stages ({config.run.stages})")
+    base = base_key(config, data_dir, model_path)
+    stages = plan_stages(config, base)
     check_launch(config, accelerator)
     if tracker:
         accelerator.init_trackers(variant or config.run.name)
@@ -227,46 +148,36 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
 
     bm25 = BM25Index(data.passage_texts(), config.negatives.bm25)
     with accelerator.main_process_first():  # mined and written once, read by the other processes
-        # Keyed by what decides them: another dev split, depth or data gets its own file.
-        key = _digest({"data": to_dict(config.data), "files": _fingerprint(data_dir), "negatives": to_dict(config.negatives)})
-        negatives = mine_bm25_negatives(config, data, bm25, run_dir / "negatives" / f"bm25-{key[:8]}.jsonl")
+        negatives = mine_bm25_negatives(config, data, bm25, negatives_file(config, data_dir))
     split = config.eval.split
     bm25_ranking = bm25_search(bm25, data, data.judged_queries(split), config.eval.top_k)
     results: dict[str, dict] = {"bm25": {"bm25": evaluate_ranking(data.qrels[split], bm25_ranking)}}
-
-    base = {"code": code_digest(), "data": _fingerprint(data_dir), "model": model_path,
-            "model_files": _fingerprint(Path(model_path)), **{k: to_dict(config)[k] for k in ("data", "model", "negatives", "eval")}}
     results["initial"] = {"dual-encoder": _evaluate_initial(config, model_path, tokenizer, data, accelerator,
-                                                            run_dir / f"initial-{_digest(base)[:8]}.json")}
-    hashes: dict[str, str] = {}
-    dirs: dict[str, Path] = {}
-    for name, roles in plan:
-        # A deterministic stage (``scores``) is shared by every seed; the others are not.
-        seed = None if name in DETERMINISTIC_STAGES else config.run.seed
-        digest = _digest({"stage": name, "config": to_dict(getattr(config, name)), "base": base, "seed": seed,
-                          "inputs": {role: hashes[up] for role, up in roles.items()}})
-        hashes[name] = digest
-        stage_dir = run_dir / f"{name}-{digest[:8]}"
-        dirs[name] = stage_dir
-        done = stage_dir / "DONE.json"
-        rerun = only is not None and name in only
-        if done.exists() and not rerun:
+                                                            initial_file(config, base))}
+    folders = {stage.name: stage.folder for stage in stages}
+    for stage in stages:
+        name, roles, stage_dir = stage.name, stage.roles, stage.folder
+        state = stage_state(stage)
+        action = stage_action(state, name, only)
+        if action == "skip":
             log.info("stage %s: finished earlier (%s), skipped", name, stage_dir.name)
             results[name] = json.loads((stage_dir / "eval" / "metrics.json").read_text())
             continue
-        if only is not None and not rerun:
+        if action == "refuse":
             raise InputError(f"--stages: '{name}' has not finished with this config; run it first")
-        if rerun and stage_dir.exists() and accelerator.is_main_process:
+        if action == "rerun" and stage_dir.exists() and accelerator.is_main_process:
             remove_tree(stage_dir)
         accelerator.wait_for_everyone()
-        _report_changed_config(run_dir, name, stage_dir)
-        inputs = {role: _input_folder(role, up, dirs[up]) for role, up in roles.items()}
+        if state.other:
+            log.warning("stage %s: not reusing the finished %s (%s); training anew in %s",
+                        name, state.other, "; ".join(state.changes), stage_dir.name)
+        inputs = {role: _input_folder(role, up, folders[up]) for role, up in roles.items()}
         inputs.setdefault("encoder", Path(model_path))
         inputs.setdefault("dual_encoder", inputs["encoder"])
         for role, up in roles.items():
-            if not (dirs[up] / "DONE.json").exists():
-                raise InputError(f"stage {name} needs {up}, which has not finished", dirs[up])
-        log.info("stage %s: %s", name, "resuming" if (stage_dir / "checkpoints").exists() else "starting")
+            if not (folders[up] / "DONE.json").exists():
+                raise InputError(f"stage {name} needs {up}, which has not finished", folders[up])
+        log.info("stage %s: %s", name, f"resuming at step {state.resume_step}" if action == "resume" else "starting")
         # A stage's randomness depends on the run seed and its name alone: not on what ran before
         # in this process, nor on where the files live.
         set_seed(config.run.seed + int(hashlib.sha256(name.encode()).hexdigest()[:6], 16) % 1000)
@@ -277,17 +188,18 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
                            stage_dir=stage_dir, inputs={k: str(v) for k, v in inputs.items()},
                            bm25_test_ranking=bm25_ranking, bm25=bm25)
         metrics = RUNNERS[name](ctx, getattr(config, name))
+        results[name] = metrics
         if accelerator.is_main_process:
             write_json_atomic(stage_dir / "eval" / "metrics.json", metrics)
-            write_json_atomic(done, {"stage": name, "hash": digest, "inputs": {r: hashes[u] for r, u in roles.items()}})
+            write_json_atomic(stage.done_file, {"stage": name, "hash": stage.hash, "key": stage.key,
+                                                "inputs": stage.key["inputs"]})
         accelerator.wait_for_everyone()
-        results[name] = metrics
         if name in ("teacher", "scores"):
             _warn_if_weaker(name, metrics, results["initial"]["dual-encoder"], config.eval.split)
     for open_tracker in accelerator.trackers:
         open_tracker.finish()
     if accelerator.is_main_process:
-        write_report(run_dir, results, {name: dirs[name] for name, _ in plan}, variant)
+        write_report(run_dir, results, folders, variant)
         print(stage_table(results))
     return results
 
@@ -346,13 +258,3 @@ def _warn_if_weaker(name: str, metrics: dict, student: dict, split: str) -> None
     if teacher < student["ndcg@10"]:
         log.warning("stage %s: the teacher's nDCG@10 on %s (%.4f) is below the starting dual-encoder's (%.4f): "
                     "distilling from it is likely to make the student worse", name, split, teacher, student["ndcg@10"])
-
-
-def _report_changed_config(run_dir: Path, name: str, stage_dir: Path) -> None:
-    others = [p for p in run_dir.glob(f"{name}-*") if p != stage_dir and (p / "DONE.json").exists()]
-    if others:
-        log.warning("stage %s: its config or inputs differ from the finished %s; training anew in %s",
-                    name, ", ".join(p.name for p in others), stage_dir.name)
-
-
-code_digest()  # taken when the code is loaded, not when a later run starts

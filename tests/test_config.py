@@ -74,7 +74,7 @@ def test_exponent_without_a_dot_is_a_float(tmp_path):
 def test_the_recommended_recipe_loads_and_plans_a_cached_teacher():
     from pathlib import Path
 
-    from pipeline.run import stage_plan
+    from pipeline.plan import stage_plan
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "recommended.yaml")
     assert dict(stage_plan(config))["distill"] == {"teacher_scores": "scores"}

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.run as run_module
+import pipeline.plan as plan_module
 from data.bm25 import BM25Config, BM25Index
 from data.errors import InputError
 from pipeline.batches import GroupBatch
-from pipeline.run import carve_dev, load_data, run, stage_plan
+from pipeline.plan import stage_plan
+from pipeline.run import carve_dev, load_data, run
 from pipeline.stages.distill import needs
 from pipeline.stages.scores import fuse, read_teacher_scores, zscore
 from tests.test_pipeline import stage_dir, tiny_config
@@ -93,7 +94,7 @@ def test_a_code_change_retrains_instead_of_reusing(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, "run.stages=teacher", "teacher.train.max_steps=1")
     run(config)
     first = stage_dir(config, "teacher")
-    monkeypatch.setattr(run_module, "code_digest", lambda: "other code")
+    monkeypatch.setattr(plan_module, "code_digest", lambda: "other code")
     run(config)
     assert first.exists() and len(list(config.run_dir.glob("teacher-*"))) == 2  # trained anew beside it
 

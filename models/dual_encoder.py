@@ -150,22 +150,26 @@ class DualEncoder(nn.Module):
     ) -> "DualEncoder":
         """A saved ``DualEncoder`` folder, or a new one around any encoder (local path or hub id).
 
-        Options left as None take the saved value, else ``DEFAULTS``; an option that contradicts
-        a saved folder is an error. A new pooler is randomly initialised. ``kwargs`` go to
+        Options left as None take the saved value, else what a sentence-transformers folder's
+        modules say (pooling, normalisation), else ``DEFAULTS``; an option that contradicts a saved
+        ``DualEncoder`` folder is an error. A new pooler is randomly initialised. ``kwargs`` go to
         ``AutoModel.from_pretrained``.
         """
         path = Path(name_or_path)
         saved = json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).is_file() else {}
+        layout = {} if saved else sentence_transformers_layout(path) or {}
         given = {"pooling": pooling, "normalize": normalize, "shared": shared, "add_pooler": add_pooler}
         given = {k: v for k, v in given.items() if v is not None}
         clash = {k: (v, saved[k]) for k, v in given.items() if k in saved and saved[k] != v}
         if clash:
             raise ValueError(f"{path}: options contradict the saved {CONFIG_NAME} (given, saved): {clash}")
-        options = {**DEFAULTS, **saved, **given}
+        from_layout = {k: layout[k] for k in ("pooling", "normalize") if layout.get(k) is not None}
+        options = {**DEFAULTS, **from_layout, **saved, **given}
 
         subfolders = [""] if options["shared"] else ["query", "passage"]
+        source = str(path / layout["transformer"]) if layout.get("transformer") else str(name_or_path)
         encoders = [
-            load_encoder(str(path / sub) if saved else str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+            load_encoder(str(path / sub) if saved else source, trust_remote_code=trust_remote_code, **kwargs)
             for sub in subfolders
         ]
         passage = encoders[1] if len(encoders) == 2 else None
@@ -245,6 +249,39 @@ class DualEncoder(nn.Module):
                 for i, (sub, kind) in enumerate(modules)
             ],
         )
+
+
+def sentence_transformers_layout(path: str | Path) -> dict | None:
+    """What a sentence-transformers folder's ``modules.json`` describes, or None without one.
+
+    Returns ``transformer`` (the subfolder of the Transformer module), ``pooling`` (``cls``,
+    ``mean``, or None for another mode), ``normalize``, ``max_seq_length`` (special tokens
+    included; None if unset) and ``unsupported``: the modules a ``DualEncoder`` does not reproduce.
+    """
+    path = Path(path)
+    if not (path / "modules.json").is_file():
+        return None
+    layout = {"transformer": "", "pooling": None, "normalize": False, "max_seq_length": None, "unsupported": []}
+    modes = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
+    for module in json.loads((path / "modules.json").read_text()):
+        kind, folder = module["type"].rsplit(".", 1)[-1], path / module["path"]
+        if kind == "Transformer":
+            layout["transformer"] = module["path"]
+            settings = folder / "sentence_bert_config.json"
+            if settings.is_file():
+                layout["max_seq_length"] = json.loads(settings.read_text()).get("max_seq_length")
+        elif kind == "Pooling":
+            chosen = [k for k, v in json.loads((folder / "config.json").read_text()).items()
+                      if k.startswith("pooling_mode_") and v is True]
+            if len(chosen) == 1 and chosen[0] in modes:
+                layout["pooling"] = modes[chosen[0]]
+            else:
+                layout["unsupported"].append(f"Pooling ({', '.join(chosen) or 'no mode'})")
+        elif kind == "Normalize":
+            layout["normalize"] = True
+        else:
+            layout["unsupported"].append(kind)
+    return layout
 
 
 def _write_json(path: Path, value) -> None:

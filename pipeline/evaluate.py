@@ -1,14 +1,17 @@
-"""Retrieval evaluation: encode the corpus with any encoder, search it with FAISS, score the ranking.
+"""Retrieval evaluation: encode the corpus with any encoder, search it with FAISS, score the ranking;
+re-rank the top candidates with a cross-encoder or ColBERT.
 
 An encoder is any callable mapping a batch from :func:`data.collate.encoder_inputs` to vectors
 (B, D), one for queries and one for passages (the same callable for a shared tower); texts are tokenised once under the alignment contract and encoded longest first with
-dynamic padding, so padding waste stays small.
+dynamic padding, so padding waste stays small. A re-ranker is any callable scoring aligned
+(query ids, passage ids) pairs. The stages and ``run_pipeline.py evaluate`` both evaluate here.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,12 +19,14 @@ from tqdm.auto import tqdm
 
 from data.beir import BeirData
 from data.bm25 import BM25Config, BM25Index
-from data.collate import SpecialTokens, encoder_inputs, tokenize
-from pipeline.distributed import broadcast_object, gather_rows, world
+from data.collate import SpecialTokens, cross_inputs, encoder_inputs, tokenize
+from pipeline.distributed import broadcast_object, gather_objects, gather_rows, world
 from pipeline.faiss_index import IndexConfig, build_index, search
-from pipeline.metrics import Ranking, evaluate_ranking, ranking_from_arrays
+from pipeline.metrics import Ranking, evaluate_ranking, query_metrics, ranking_from_arrays
 
 Encoder = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+PairScorer = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], torch.Tensor]  # (q ids, p ids) -> (N,)
+PER_QUERY = "ndcg@10 per query"  # {query id: nDCG@10}, kept with each model's metrics for paired tests
 
 
 @dataclass(frozen=True)
@@ -116,3 +121,83 @@ def evaluate_bm25(data: BeirData, split: str, config: BM25Config = BM25Config(),
     """The same metrics for BM25 on ``split``."""
     ranking = bm25_search(BM25Index(data.passage_texts(), config), data, data.judged_queries(split), top_k)
     return evaluate_ranking(data.qrels[split], ranking)
+
+
+def ranking_metrics(qrels: dict[str, dict[str, int]], ranking: Ranking) -> dict:
+    """Mean metrics of ``ranking``, with each judged query's nDCG@10 under :data:`PER_QUERY`."""
+    per_query = {q: round(query_metrics(qrels[q], ranking.get(q, []))["ndcg@10"], 6) for q in sorted(qrels)
+                 if any(s > 0 for s in qrels[q].values())}
+    return {**evaluate_ranking(qrels, ranking), PER_QUERY: per_query}
+
+
+def reranked_metrics(qrels: dict[str, dict[str, int]], ranking: Ranking) -> dict:
+    """``ranking_metrics`` of a re-ranked top ``depth``: no Recall@1000, as only those were re-ranked."""
+    metrics = ranking_metrics(qrels, ranking)
+    metrics.pop("recall@1000")
+    return metrics
+
+
+def rerank_label(model: str, candidates: str, depth: int) -> str:
+    """The report row of a re-ranker: ``cross-encoder (re-rank BM25 top 100)``."""
+    return f"{model} (re-rank {candidates} top {depth})"
+
+
+@torch.inference_mode()
+def rerank(
+    candidates: Ranking,
+    score_pairs: PairScorer,
+    queries: Mapping[str, Sequence[int]],
+    passages: Mapping[str, Sequence[int]],
+    depth: int,
+    batch_size: int,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> Ranking:
+    """Each query's top ``depth`` candidates re-ordered by ``score_pairs`` (ties keep their order).
+
+    ``queries`` and ``passages`` map ids to content token ids (no special tokens). Under N
+    processes each process re-ranks every N-th query and all of them receive the whole ranking.
+    """
+    rank, size = world()
+    reranked: Ranking = {}
+    for qid in list(candidates)[rank::size]:
+        docs = candidates[qid][:depth]
+        scores = []
+        for start in range(0, len(docs), batch_size):
+            chunk = docs[start : start + batch_size]
+            with autocast():
+                scores.append(score_pairs([queries[qid]] * len(chunk), [passages[d] for d in chunk]).float().cpu())
+        order = np.argsort(-torch.cat(scores).numpy(), kind="stable") if scores else []
+        reranked[qid] = [docs[i] for i in order]
+    if size > 1:
+        reranked = {qid: docs for part in gather_objects(reranked) for qid, docs in part.items()}
+    return reranked
+
+
+def cross_encoder_scorer(cross_encoder, special: SpecialTokens, device: torch.device | str) -> PairScorer:
+    """``s_CE`` of aligned pairs, ``[CLS] q [SEP] p [SEP]`` built from the token ids."""
+    cross_encoder.eval()
+
+    def score(q_ids, p_ids):
+        batch = {k: v.to(device) for k, v in cross_inputs(q_ids, p_ids, special).items()}
+        return cross_encoder(batch).scores
+
+    return score
+
+
+def colbert_scorer(dual_encoder, colbert, special: SpecialTokens, device: torch.device | str) -> PairScorer:
+    """``s_Col`` of aligned pairs; a ColBERT without its own encoder reads the dual-encoder's token states."""
+    from models.scoring import maxsim_paired
+
+    dual_encoder.eval()
+    colbert.eval()
+
+    def tokens(ids, side):
+        batch = {k: v.to(device) for k, v in encoder_inputs(ids, special).items()}
+        hidden = None if colbert.encoder is not None else dual_encoder(batch, side=side).last_hidden_state
+        return colbert(batch, last_hidden_state=hidden)
+
+    def score(q_ids, p_ids):
+        q, p = tokens(q_ids, "query"), tokens(p_ids, "passage")
+        return maxsim_paired(q.tokens, q.mask, p.tokens, p.mask)
+
+    return score

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import bm25s
 import numpy as np
 from tqdm.auto import tqdm
+
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG when imported
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class BM25Index:
         k = min(k, self.size)
         scores, indices = [], []
         chunks = range(0, len(queries), self.config.chunk_size)
-        for start in tqdm(chunks, desc="bm25 search", disable=not self.show_progress, leave=False):
+        for start in tqdm(chunks, desc="bm25 search", disable=None if self.show_progress else True, leave=False):
             tokens = self._tokenize(queries[start : start + self.config.chunk_size], return_ids=False)
             found, found_scores = self._retriever.retrieve(tokens, k=k, show_progress=False, n_threads=0)
             indices.append(np.asarray(found, dtype=np.int64))

@@ -125,7 +125,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     texts = list(texts)
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
     # The trainer breaks ties in hash-map order, which changes between processes, so the learned
     # intermediate pieces and all ids vary from run to run. Keep what is determined by the texts
     # (characters, and the whole words the trainer completed) and number it canonically, so the

@@ -60,7 +60,8 @@ def encode(
     order = np.argsort([-len(row) for row in ids], kind="stable")
     mine = order[rank::size]
     chunks = []
-    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=desc is None or rank > 0, leave=False):
+    hidden = None if desc is not None and rank == 0 else True  # None: a bar on a terminal only
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=hidden, leave=False):
         batch = encoder_inputs([ids[i] for i in mine[start : start + batch_size]], special)
         batch = {k: v.to(device) for k, v in batch.items()}
         chunks.append(encoder(batch).float())

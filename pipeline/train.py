@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,11 @@ def train(
         _truncate_log(log_path, state.step)
 
     model.train()
-    progress = tqdm(total=total_steps, initial=state.step, desc=stage_dir.name, disable=not accelerator.is_main_process)
+    # A bar on a terminal only (tqdm's disable=None); in a log file, one plain line per logging step instead.
+    progress = tqdm(total=total_steps, initial=state.step, desc=stage_dir.name,
+                    disable=None if accelerator.is_main_process else True)
+    plain_lines = accelerator.is_main_process and progress.disable
+    started, first_step = time.monotonic(), state.step
     running: dict[str, float] = {}
     bad_step = False
     while state.step < total_steps:
@@ -217,11 +222,34 @@ def train(
                       "skipped_steps": state.skipped_steps, **running}
             _log(accelerator, log_path, record, prefix=stage_dir.name.split("-")[0])
             progress.set_postfix(loss=f"{running['loss']:.4f}")
+            if plain_lines:
+                log.info(progress_line(stage_dir.name, record, total_steps, time.monotonic() - started,
+                                       state.step - first_step))
         running = {}
         if state.step % config.checkpoint_every == 0 and state.step < total_steps:
             _save_checkpoint(accelerator, state, checkpoint_dir, config.keep_checkpoints)
     progress.close()
     return state
+
+
+def progress_line(name: str, record: dict, total_steps: int, elapsed: float, steps_taken: int) -> str:
+    """The plain progress line written at each logging step when no terminal shows a bar.
+
+    >>> progress_line("distill-0a1b2c3d", {"step": 30, "epoch": 0, "lr": 4.5e-4, "skipped_steps": 0, "loss": 2.5,
+    ...                "de": 1.25}, 300, elapsed=12.0, steps_taken=30)
+    'distill-0a1b2c3d step 30/300 (10%): loss 2.5000, de 1.2500, lr 4.50e-04, 12s elapsed, about 1m48s left'
+    """
+    terms = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "epoch", "lr", "skipped_steps"))
+    left = elapsed / max(steps_taken, 1) * (total_steps - record["step"])
+    skipped = f", {record['skipped_steps']} skipped" if record["skipped_steps"] else ""
+    return (f"{name} step {record['step']}/{total_steps} ({100 * record['step'] // total_steps}%): {terms}, "
+            f"lr {record['lr']:.2e}{skipped}, {_duration(elapsed)} elapsed, about {_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,6 +31,9 @@ def test_demo_runs_every_stage_and_writes_the_run_directory(tmp_path):
             per_query = values.pop("ndcg@10 per query")
             assert all(0.0 <= v <= 1.0 for v in [*values.values(), *per_query.values()])
     assert "| distill / dual-encoder |" in result.stdout
+    # Output to pipes, as on a cluster: no progress bars, a plain line per logging step instead.
+    assert "\r" not in result.stdout and "\r" not in result.stderr
+    assert re.search(r"distill-[0-9a-f]{8} step 1/\d+ \(\d+%\): loss ", result.stderr)
     negatives = [json.loads(line) for line in next((run_dir / "negatives").glob("bm25-*.jsonl")).read_text().splitlines()]
     assert len(negatives) == 24 and all(len(row["negatives"]) == 30 for row in negatives)
     assert (run_dir / "config.yaml").exists() and (run_dir / "report.md").exists()

@@ -6,8 +6,8 @@ import dataclasses
 
 from data.errors import InputError
 from pipeline.config import PipelineConfig
-from pipeline.io import write_text_atomic
-from pipeline.report import metrics_table
+from pipeline.distributed import world
+from pipeline.report import write_ablation_report
 from pipeline.run import run
 from pipeline.stages.configs import DISTILL_TERMS
 
@@ -45,18 +45,15 @@ def load_variants(path: str) -> dict[str, list[str]]:
 
 
 def run_ablation(config: PipelineConfig, variants: dict[str, list[str]], only: list[str] | None = None) -> dict:
-    """Run the full pipeline and every variant (shared stages run once); write ``ablation.md``.
+    """Run the full pipeline and every variant (shared stages run once); write ``ablation.md`` (and
+    ``ablation.html``, ``ablation.png``).
 
-    The table compares the last stage's models, variant by variant, like a paper's ablation table.
+    The table compares the last stage's models, variant by variant, with each one's difference to
+    the full run, like a paper's ablation table.
     """
     results = {"full": run(config, only)}
     for name, terms in variants.items():
         results[name] = run(ablated(config, terms), only, variant=name)
-    last = config.stage_names[-1]
-    rows = [(f"{variant} / {model}", metrics) for variant, stages in results.items()
-            for model, metrics in stages[last].items()]
-    table = metrics_table(rows, ("ndcg@10", "mrr@10", "recall@100"))
-    off = "; ".join(f"{name}: {', '.join(terms)} off" for name, terms in variants.items())
-    write_text_atomic(config.run_dir / "ablation.md", f"# Ablation (stage {last})\n\n{off}\n\n{table}\n")
-    print(table)
+    if world()[0] == 0:  # one process writes the report
+        print(write_ablation_report(config.run_dir, results, variants, config.stage_names[-1]))
     return results

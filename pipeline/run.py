@@ -27,6 +27,7 @@ from pipeline.config import PipelineConfig, save_config
 from pipeline.evaluate import bm25_search, evaluate_dense
 from pipeline.io import read_jsonl, remove_tree, write_json_atomic, write_jsonl_atomic
 from pipeline.metrics import evaluate_ranking
+from pipeline.model_card import write_model_cards
 from pipeline.plan import (base_key, check_model_path, initial_file, negatives_file, plan_stages, resolve_inputs,
                            stage_action, stage_state)
 from pipeline.report import stage_table, write_report
@@ -190,6 +191,7 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
         metrics = RUNNERS[name](ctx, getattr(config, name))
         results[name] = metrics
         if accelerator.is_main_process:
+            write_model_cards(config, stages, name, results, data, model_path)
             write_json_atomic(stage_dir / "eval" / "metrics.json", metrics)
             write_json_atomic(stage.done_file, {"stage": name, "hash": stage.hash, "key": stage.key,
                                                 "inputs": stage.key["inputs"]})

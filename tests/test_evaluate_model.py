@@ -75,3 +75,38 @@ def test_bad_paths_are_one_line_with_status_2(trained, model, data, expected, ca
     assert run_pipeline.main(["evaluate", model, "--data", data or str(data_dir), *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(expected) and len(err.splitlines()) == 1
+
+
+def front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_the_saved_models_carry_model_cards_that_name_their_metrics(trained):
+    config, _, _ = trained
+    distill, teacher = stage_dir(config, "distill"), stage_dir(config, "teacher")
+    metrics = json.loads((distill / "eval" / "metrics.json").read_text())
+
+    card = (distill / "final" / "dual_encoder" / "README.md").read_text()
+    meta = front_matter(card)
+    assert (meta["library_name"], meta["pipeline_tag"]) == ("sentence-transformers", "sentence-similarity")
+    assert "sentence-transformers" in meta["tags"]
+    reported = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert reported == {k: round(metrics["dual-encoder"][k], 4) for k in ("mrr@10", "ndcg@10", "recall@10", "recall@100",
+                                                                          "recall@1000")}
+    assert f"| distill / dual-encoder (this model) | **{metrics['dual-encoder']['ndcg@10']:.4f}**" in card
+    for text in ("nDCG@10", "SentenceTransformer(", "DualEncoder.from_pretrained", "| teacher |", "kl_ce_de 1",
+                 "Output Dimensionality:** 32 dimensions", "### Framework Versions"):
+        assert text in card, text
+
+    for folder, row in ((distill / "final" / "cross_encoder", "cross-encoder (re-rank DE top 100)"),
+                        (teacher / "final", "cross-encoder (re-rank BM25 top 100)")):
+        card = (folder / "README.md").read_text()
+        assert front_matter(card)["pipeline_tag"] == "text-ranking"
+        assert "(this model) | **" in card and row in card and "CrossEncoder(" in card
+
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(distill / "final" / "dual_encoder")).get_embedding_dimension() == 32

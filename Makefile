@@ -7,7 +7,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench-reference bench-quality bench-speed clean-venv
+.PHONY: demo test bench-demo bench-reference bench-quality bench-speed clean-venv
 
 $(VENV)/.core: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -p no:cacheprovider -q --doctest-modules data models losses pipeline tests
+
+# The README's demo table: the demo and its contrastive-only variant in a fresh folder, with the machine.
+bench-demo: $(VENV)/.core
+	$(PY) benchmarks/demo_table.py $(ARGS)
 
 bench-reference: $(VENV)/.bench
 	$(PY) benchmarks/reference_scifact.py

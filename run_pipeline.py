@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluating = argv[:1] == ["evaluate"]
     args = (build_evaluate_parser().parse_intermixed_args(argv[1:]) if evaluating
             else build_parser().parse_intermixed_args(argv))
-    _configure_logging()
+    configure_logging()
     try:
         from pipeline.config import load_config
 
@@ -135,7 +135,8 @@ def _evaluate(args: argparse.Namespace, config) -> None:
     print(f"written to {output}")
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
+    """Pipeline progress at INFO on stderr; the libraries' own progress bars and chatter off."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     for package in ("pipeline", "data", "models"):
         logging.getLogger(package).setLevel(logging.INFO)

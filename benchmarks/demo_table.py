@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import subprocess
@@ -90,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="config overrides (none for the README's table; recorded in the JSON)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    from run_pipeline import configure_logging
+
+    configure_logging()
 
     import torch
 

@@ -229,18 +229,18 @@ def changed_settings(old: dict, new: dict, roles: dict[str, str] | None = None) 
     ["code: the pipeline's source changed (data/, models/, losses/, pipeline/)", 'inputs.encoder: the posttrain stage it reads changed']
     """
     before, after = _flatten(old), _flatten(new)
-    lines = []
+    settings, files, inputs = [], [], []  # the settings first: the inputs' changes follow from theirs
     for name in [*after, *(n for n in before if n not in after)]:
         if before.get(name, _ABSENT) == after.get(name, _ABSENT):
             continue
         if name in _EXPLAINED:
-            lines.append(f"{name}: {_EXPLAINED[name]}")
+            files.append(f"{name}: {_EXPLAINED[name]}")
         elif name.startswith("inputs."):
             upstream = (roles or {}).get(name.split(".", 1)[1])
-            lines.append(f"{name}: " + (f"the {upstream} stage it reads changed" if upstream else "an input changed"))
+            inputs.append(f"{name}: " + (f"the {upstream} stage it reads changed" if upstream else "an input changed"))
         else:
-            lines.append(f"{name}: {_show(before.get(name, _ABSENT))} -> {_show(after.get(name, _ABSENT))}")
-    return lines
+            settings.append(f"{name}: {_show(before.get(name, _ABSENT))} -> {_show(after.get(name, _ABSENT))}")
+    return settings + files + inputs
 
 
 _ABSENT = object()

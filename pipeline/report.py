@@ -186,6 +186,7 @@ def plot_ablation(results: dict[str, dict[str, dict[str, float]]], path: Path, t
         full = results[variants[0]][model][key]
         for y, variant in enumerate(variants):
             if model not in results[variant]:
+                ax.text(full + 0.02, y, "not trained in this variant", va="center", fontsize=8, color="#666666")
                 continue
             value = results[variant][model][key]
             ax.barh(y, value, color=COLOURS[model_kind(model)], alpha=1.0 if y == 0 else 0.55, height=0.7)

@@ -28,7 +28,6 @@ import argparse
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from provenance import code_version  # noqa: E402  (benchmarks/, next to this script)
 
 DATA = ROOT.parent / "shared" / "data" / "scifact"
 PUBLISHED = {"BM25": 0.665, "BM25 + cross-encoder re-rank (BEIR)": 0.688, "ColBERT": 0.671, "ColBERTv2": 0.693,
@@ -114,17 +115,6 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def code_version() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("+changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def metric_row(name: str, metrics: dict, **extra) -> dict:

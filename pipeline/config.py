@@ -50,6 +50,9 @@ class DataConfig:
     # Queries of ``train_split`` held out as the split ``dev`` (never trained on), for choosing a
     # recipe without reading the test split: the first N by sha256("dev:" + query id), fixed.
     dev_queries: int = 0
+    # Title queries from the corpus added to ``train_split`` (data/pseudo.py): the first N passages
+    # by sha256("pseudo:" + id), each query judged relevant to its own passage; 0 adds none.
+    pseudo_queries: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,8 @@ def _check_choices(config: PipelineConfig) -> None:
         if value < 1:
             raise InputError(f"{key}: must be >= 1, got {value}")
     weights = {f"scores.{k}": getattr(config.scores, k) for k in ("bm25", "dual_encoder", "cross_encoder")}
-    for key, value in weights.items():
+    for key, value in {"data.dev_queries": config.data.dev_queries, "data.pseudo_queries": config.data.pseudo_queries,
+                       **weights}.items():
         if value < 0:
             raise InputError(f"{key}: must be >= 0, got {value}")
     if "scores" in config.stage_names and not any(weights.values()):

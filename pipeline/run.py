@@ -22,6 +22,7 @@ from data.beir import BeirData, load_beir
 from data.errors import InputError
 from data.bm25 import BM25Index
 from data.negatives import mine_negatives
+from data.pseudo import add_pseudo_queries
 from pipeline.batches import check_divisible
 from pipeline.config import PipelineConfig, save_config
 from pipeline.evaluate import bm25_search, evaluate_dense
@@ -45,13 +46,14 @@ RUNNERS = {"posttrain": run_posttrain, "teacher": run_teacher, "scores": run_sco
 
 
 def load_data(config: PipelineConfig, data_dir: Path) -> BeirData:
-    """The data, with ``data.dev_queries`` judged training queries moved to the split ``dev``."""
+    """The data, with ``data.dev_queries`` judged training queries moved to the split ``dev``, then
+    ``data.pseudo_queries`` title queries added to the training split (the dev split never holds one)."""
     held_out = config.data.dev_queries
     wanted = (config.data.train_split,) + (() if held_out and config.eval.split == DEV else (config.eval.split,))
     data = load_beir(data_dir, tuple(dict.fromkeys(wanted)))
-    if not held_out:
-        return data
-    return carve_dev(data, config.data.train_split, held_out)
+    if held_out:
+        data = carve_dev(data, config.data.train_split, held_out)
+    return add_pseudo_queries(data, config.data.train_split, config.data.pseudo_queries)
 
 
 def carve_dev(data: BeirData, train_split: str, size: int) -> BeirData:

@@ -10,18 +10,31 @@ import bm25s
 import numpy as np
 from tqdm.auto import tqdm
 
+from data.fields import bounded, one_of
+
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG when imported
+# What bm25s.tokenize accepts as a stopword list (by name), and "none".
+STOPWORDS = ("en", "english", "en_plus", "english_plus", "da", "danish", "de", "german", "es", "spanish", "fr", "french",
+             "it", "italian", "ko", "korean", "nl", "dutch", "no", "norwegian", "pt", "portuguese", "ru", "russian",
+             "sv", "swedish", "tr", "turkish", "zh", "chinese", "none")
+
+
+def stemmers() -> tuple[str, ...]:
+    """PyStemmer's languages, and "none"."""
+    import Stemmer
+
+    return (*Stemmer.algorithms(), "none")
 
 
 @dataclass(frozen=True)
 class BM25Config:
     """Lucene BM25 (``bm25s`` ``method="lucene"``); English stopwords and Snowball stemming by default."""
 
-    k1: float = 0.9
-    b: float = 0.4
-    stemmer: str = "english"  # a PyStemmer language, or "none"
-    stopwords: str = "en"  # a bm25s stopword list, or "none"
-    chunk_size: int = 1024  # queries scored at once
+    k1: float = bounded(0.9, ge=0)
+    b: float = bounded(0.4, ge=0, le=1)
+    stemmer: str = one_of("english", stemmers, "a PyStemmer language (english, french, porter, ...) or none")
+    stopwords: str = one_of("en", STOPWORDS, "a bm25s stopword list (en, en_plus, de, fr, zh, ...) or none")
+    chunk_size: int = bounded(1024, ge=1)  # queries scored at once
 
 
 class BM25Index:

@@ -22,6 +22,8 @@ from typing import Iterable
 
 import numpy as np
 
+from data.fields import bounded
+
 DEMO_FORMAT_VERSION = 1
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
@@ -31,23 +33,23 @@ _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 class DemoSpec:
     """Sizes of the generated world; the defaults keep every stage of the demo under a minute."""
 
-    seed: int = 13
-    n_entities: int = 240
-    n_topics: int = 6
-    concepts_per_topic: int = 12
-    forms_per_concept: int = 3
-    n_fillers: int = 40
-    key_concepts: int = 3
-    noise_words: int = 2
-    filler_words: int = 12
-    synonym_rate: float = 0.6
-    n_train_queries: int = 800
-    n_test_queries: int = 200
-    vocab_size: int = 2000
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    max_positions: int = 128
+    seed: int = bounded(13, ge=0)
+    n_entities: int = bounded(240, ge=1)
+    n_topics: int = bounded(6, ge=1)
+    concepts_per_topic: int = bounded(12, ge=2)  # and >= key_concepts
+    forms_per_concept: int = bounded(3, ge=2)
+    n_fillers: int = bounded(40, ge=1)
+    key_concepts: int = bounded(3, ge=2)  # a query names two of them
+    noise_words: int = bounded(2, ge=0)
+    filler_words: int = bounded(12, ge=0)
+    synonym_rate: float = bounded(0.6, ge=0, le=1)
+    n_train_queries: int = bounded(800, ge=1)
+    n_test_queries: int = bounded(200, ge=1)
+    vocab_size: int = bounded(2000, ge=len(SPECIAL_TOKENS) + 1)
+    hidden_size: int = bounded(64, ge=1)  # a multiple of num_heads
+    num_layers: int = bounded(2, ge=1)
+    num_heads: int = bounded(2, ge=1)
+    max_positions: int = bounded(128, ge=8)
 
 
 def _pseudo_words(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:

@@ -1,7 +1,9 @@
 """Typed configuration: one dataclass per concern, composed into :class:`PipelineConfig`.
 
-YAML files and ``key.sub=value`` overrides are checked against the dataclasses: an unknown key or
-a value of the wrong type is an :class:`InputError` naming the key, never silently ignored.
+YAML files and ``key.sub=value`` overrides are checked against the dataclasses: an unknown key, a
+value of the wrong type, or one outside the range or choices its field declares (``data/fields.py``)
+is an :class:`InputError` naming the key, never silently ignored; so are settings that contradict
+each other. Checks that need the data or the model are in ``pipeline/validate.py``.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import yaml
 from data.bm25 import BM25Config
 from data.demo import DemoSpec
 from data.errors import InputError
+from data.fields import bounded, check_fields, choices, describe, file_name, listed, nonempty, one_of, walk
 from pipeline.evaluate import EvalConfig
-from pipeline.faiss_index import INDEX_KINDS, IndexConfig
+from pipeline.faiss_index import IndexConfig
 from pipeline.io import write_text_atomic
 from pipeline.stages.configs import (DistillConfig, PosttrainConfig, RefreshConfig, ScoresConfig, TeacherConfig,
-                                     warmup_config)
+                                     term_weights, warmup_config)
 
 DEMO = "demo"
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -34,33 +37,33 @@ STAGE_NAMES = ("posttrain", "teacher", "scores", "warmup", "refresh", "distill")
 class RunConfig:
     """Where the run lives: ``<output_dir>/<name>/``."""
 
-    name: str = "demo"
-    output_dir: str = "runs"
-    seed: int = 13
-    stages: str = "posttrain,teacher,distill"  # in order; any of posttrain, teacher, scores, warmup, refresh, distill
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (Accelerate)
+    name: str = file_name("demo")
+    output_dir: str = nonempty("runs")
+    seed: int = bounded(13, ge=0, le=2**31 - 1)
+    stages: str = listed("posttrain,teacher,distill", STAGE_NAMES, "stage")  # in order
+    mixed_precision: str = one_of("no", ("no", "fp16", "bf16"))  # Accelerate's
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """A BEIR-layout folder, or ``demo`` for the embedded generated dataset (evaluated on ``eval.split``)."""
 
-    path: str = DEMO
-    train_split: str = "train"
+    path: str = nonempty(DEMO)
+    train_split: str = file_name("train")
     # Queries of ``train_split`` held out as the split ``dev`` (never trained on), for choosing a
     # recipe without reading the test split: the first N by sha256("dev:" + query id), fixed.
-    dev_queries: int = 0
+    dev_queries: int = bounded(0, ge=0)
     # Title queries from the corpus added to ``train_split`` (data/pseudo.py): the first N passages
     # by sha256("pseudo:" + id), each query judged relevant to its own passage; 0 adds none.
-    pseudo_queries: int = 0
+    pseudo_queries: int = bounded(0, ge=0)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The encoder every model starts from: a local path, a hub id, or ``demo`` (tiny random BERT)."""
 
-    name_or_path: str = DEMO
-    pooling: str = "mean"  # "mean" (E5, Mirror-BERT) or "cls" (SimLM, ERNIE-Search)
+    name_or_path: str = nonempty(DEMO)
+    pooling: str = one_of("mean", ("mean", "cls"))  # mean: E5, Mirror-BERT; cls: SimLM, ERNIE-Search
     normalize: bool = True
     trust_remote_code: bool = False
 
@@ -69,7 +72,7 @@ class ModelConfig:
 class NegativesConfig:
     """BM25 hard negatives: the top ``depth`` non-relevant passages of each training query."""
 
-    depth: int = 30
+    depth: int = bounded(30, ge=1)
     bm25: BM25Config = BM25Config()
 
 
@@ -97,42 +100,43 @@ class PipelineConfig:
         return [s.strip() for s in self.run.stages.split(",") if s.strip()]
 
 
-def _check_choices(config: PipelineConfig) -> None:
-    for name in config.stage_names:
-        if name not in STAGE_NAMES:
-            raise InputError(f"run.stages: unknown stage '{name}' (known: {', '.join(STAGE_NAMES)})")
-    choices = {
-        "run.mixed_precision": (config.run.mixed_precision, ("no", "fp16", "bf16")),
-        "distill.attn_heads": (config.distill.attn_heads, ("mean", "max")),
-        "distill.attn_pairs": (config.distill.attn_pairs, ("positive", "all")),
-        "distill.teacher": (config.distill.teacher, ("cross_encoder", "scores")),
-        "warmup.teacher": (config.warmup.teacher, ("cross_encoder", "scores")),
-        "model.pooling": (config.model.pooling, ("mean", "cls")),
-        "eval.index.kind": (config.eval.index.kind, INDEX_KINDS),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise InputError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
-    positive = {
-        "eval.query_max_len": config.eval.query_max_len,
-        "eval.passage_max_len": config.eval.passage_max_len,
-        "eval.batch_size": config.eval.batch_size,
-        "eval.top_k": config.eval.top_k,
-        "eval.rerank_depth": config.eval.rerank_depth,
-        "negatives.depth": config.negatives.depth,
-        "refresh.depth": config.refresh.depth,
-        "negatives.bm25.chunk_size": config.negatives.bm25.chunk_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise InputError(f"{key}: must be >= 1, got {value}")
-    weights = {f"scores.{k}": getattr(config.scores, k) for k in ("bm25", "dual_encoder", "cross_encoder")}
-    for key, value in {"data.dev_queries": config.data.dev_queries, "data.pseudo_queries": config.data.pseudo_queries,
-                       **weights}.items():
-        if value < 0:
-            raise InputError(f"{key}: must be >= 0, got {value}")
-    if "scores" in config.stage_names and not any(weights.values()):
+def check_config(config: PipelineConfig) -> None:
+    """Every field within what it declares, and settings that contradict each other (no data or model needed)."""
+    check_fields(config)
+    stages = config.stage_names
+    if config.eval.split == config.data.train_split:
+        raise InputError(f"eval.split: '{config.eval.split}' is also data.train_split, whose queries the stages train "
+                         "on, so its metrics would not show retrieval for new queries (hold out a dev split: "
+                         "data.dev_queries=N eval.split=dev)")
+    posttrain = config.posttrain
+    if "posttrain" in stages and not (posttrain.mlm or posttrain.simcse or posttrain.mirror):
+        raise InputError("posttrain: every loss weight (mlm, simcse, mirror) is 0, so the stage would not train")
+    weights = {k: getattr(config.scores, k) for k in ("bm25", "dual_encoder", "cross_encoder")}
+    if "scores" in stages and not any(weights.values()):
         raise InputError("scores: every component weight (bm25, dual_encoder, cross_encoder) is 0")
+    for stage in ("warmup", "distill"):
+        if stage in stages:
+            check_distill(stage, getattr(config, stage))
+    if DEMO in (config.data.path, config.model.name_or_path):
+        demo = config.demo
+        if demo.key_concepts > demo.concepts_per_topic:
+            raise InputError(f"demo.key_concepts: {demo.key_concepts} is more than demo.concepts_per_topic "
+                             f"({demo.concepts_per_topic})")
+        if demo.hidden_size % demo.num_heads:
+            raise InputError(f"demo.hidden_size: {demo.hidden_size} must be a multiple of demo.num_heads "
+                             f"({demo.num_heads})")
+
+
+def check_distill(name: str, stage: DistillConfig) -> None:
+    """A distillation stage that trains something, on groups its terms can rank."""
+    weights = term_weights(stage)
+    if not any(weights.values()):
+        frozen = " (ce trains only a cross-encoder that is not frozen)" if stage.weights.ce else ""
+        raise InputError(f"{name}.weights: every term is 0{frozen}, so the stage would not train")
+    within = [t for t, w in weights.items() if w and not (t in ("de", "dualreg") and stage.in_batch)]
+    if stage.group_size < 2 and within:
+        raise InputError(f"{name}.group_size: 1 leaves no negative in a group, so {', '.join(within)} would be "
+                         "identically 0; use >= 2 (1 only with de and dualreg alone, in_batch)")
 
 
 def _build(default, values: Any, where: str, source: str | None):
@@ -140,11 +144,11 @@ def _build(default, values: Any, where: str, source: str | None):
     if not isinstance(values, dict):
         raise InputError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}", source)
     hints = typing.get_type_hints(type(default))
-    known = {f.name for f in dataclasses.fields(default)}
-    unknown = sorted(set(values) - known)
+    fields = {f.name: f for f in dataclasses.fields(default)}
+    unknown = sorted(str(k) for k in set(values) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise InputError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})", source)
+        raise InputError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(fields))})", source)
     changes = {}
     for name, value in values.items():
         key, hint = f"{where}.{name}" if where else name, hints[name]
@@ -154,6 +158,11 @@ def _build(default, values: Any, where: str, source: str | None):
             changes[name] = float(value)
         elif hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             changes[name] = float(value)  # YAML 1.1 reads 5e-5 (no dot) as a string
+        elif hint is str and value is False and "no" in choices(fields[name]):
+            changes[name] = "no"  # YAML 1.1 reads an unquoted no (run.mixed_precision, a stopword list) as false
+        elif hint is str and isinstance(value, bool):
+            raise InputError(f"{key}: expected str, got bool {value!r} (YAML reads an unquoted yes, no, on, off, "
+                             "true or false as a boolean: quote it)", source)
         elif not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise InputError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}", source)
         else:
@@ -168,10 +177,10 @@ def to_dict(config) -> dict:
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
-    for part in parents:
+    for depth, part in enumerate(parents, start=1):
         tree = tree.setdefault(part, {})
         if not isinstance(tree, dict):
-            raise InputError(f"override {dotted}: '{part}' is not a section")
+            raise InputError(f"override {dotted}: '{'.'.join(parents[:depth])}' is not a section")
     tree[leaf] = value
 
 
@@ -181,24 +190,80 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     >>> load_config(None, ["run.name=ablation", "eval.index.kind=hnsw"]).eval.index.kind
     'hnsw'
     """
-    values: dict = {}
+    source = None if path is None else os.fspath(path)
+    values: Any = {}
     if path is not None:
         try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise InputError(f"cannot read config ({e.strerror})", path) from None
+        except UnicodeDecodeError as e:
+            raise InputError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             raise InputError(f"invalid YAML ({getattr(e, 'problem', e)})", path, mark and mark.line + 1) from None
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"override {item!r}: expected key.sub=value")
-        _set(values, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    config = _build(PipelineConfig(), values, "", None if path is None else os.fspath(path))
-    _check_choices(config)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise InputError(f"expected a mapping of sections (run, data, model, ...) at the top level, got "
+                             f"{type(values).__name__}", path)
+    # The file alone first, so that its errors read the same with or without overrides.
+    config = _build(PipelineConfig(), values, "", source)
+    if overrides:
+        tree = to_dict(config)
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise InputError(f"override {item!r}: expected key.sub=value")
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as e:
+                raise InputError(f"override {item!r}: invalid YAML value ({getattr(e, 'problem', e)})") from None
+            _set(tree, key.strip(), value)
+        config = _build(PipelineConfig(), tree, "", None)
+    check_config(config)
     return config
 
 
 def save_config(config: PipelineConfig, path: Path) -> None:
     write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _yaml_scalar(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def config_yaml(config: PipelineConfig | None = None, header: str = "") -> str:
+    """``config`` (the defaults if None) as YAML, each field with what it accepts as a comment.
+
+    ``configs/demo.yaml`` is this text (a test checks it): the YAML cannot drift from the fields.
+    """
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+
+    def emit(section, indent: str) -> None:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                emit(value, indent + "  ")
+                continue
+            text, accepts = f"{indent}{f.name}: {_yaml_scalar(value)}", describe(f)
+            lines.append(f"{text:<40}  # {accepts}" if accepts else text)
+
+    emit(config or PipelineConfig(), "")
+    return "\n".join(lines) + "\n"
+
+
+def field_rows(config: PipelineConfig | None = None) -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, what it accepts, default) of every field: ``--help`` and the README's table."""
+    rows = []
+    for key, f, value in walk(config or PipelineConfig()):
+        accepts = "true or false" if isinstance(value, bool) else describe(f) or "any"
+        rows.append((key, type(value).__name__, accepts, _yaml_scalar(value)))
+    return rows
+
+
+def fields_markdown() -> str:
+    """The README's table of configuration fields (a test checks that the README holds this text)."""
+    rows = [f"| `{key}` | {kind} | {accepts} | `{default}` |" for key, kind, accepts, default in field_rows()]
+    return "\n".join(["| field | type | accepts | default |", "| --- | --- | --- | --- |", *rows])

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from data.beir import BeirData
 from data.bm25 import BM25Config, BM25Index
 from data.collate import SpecialTokens, cross_inputs, encoder_inputs, tokenize
+from data.fields import bounded, file_name
 from pipeline.distributed import broadcast_object, gather_objects, gather_rows, world
 from pipeline.faiss_index import IndexConfig, build_index, search
 from pipeline.metrics import Ranking, evaluate_ranking, query_metrics, ranking_from_arrays
@@ -33,12 +34,12 @@ PER_QUERY = "ndcg@10 per query"  # {query id: nDCG@10}, kept with each model's m
 class EvalConfig:
     """How a split is evaluated; ``top_k`` is the retrieval depth (Recall@1000 needs 1000)."""
 
-    split: str = "test"
-    query_max_len: int = 32
-    passage_max_len: int = 64  # demo passages are under 30 tokens; raise it for real corpora
-    batch_size: int = 128
-    top_k: int = 1000
-    rerank_depth: int = 100  # candidates per query that a re-ranker (ColBERT, cross-encoder) scores
+    split: str = file_name("test")  # not data.train_split
+    query_max_len: int = bounded(32, ge=1)
+    passage_max_len: int = bounded(64, ge=1)  # demo passages are under 30 tokens; raise it for real corpora
+    batch_size: int = bounded(128, ge=1)
+    top_k: int = bounded(1000, ge=1)
+    rerank_depth: int = bounded(100, ge=1)  # candidates per query that a re-ranker (ColBERT, cross-encoder) scores
     index: IndexConfig = IndexConfig()
 
 

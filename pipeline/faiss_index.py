@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from data.fields import bounded, one_of
+
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 
 
@@ -15,12 +17,12 @@ INDEX_KINDS = ("flat", "hnsw", "ivf")
 class IndexConfig:
     """Which FAISS index to build. Scores are inner products (cosine when vectors are normalised)."""
 
-    kind: str = "flat"
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 256
-    ivf_nlist: int = 0  # 0: 4 * sqrt(corpus size), at most corpus size / 39
-    ivf_nprobe: int = 32
+    kind: str = one_of("flat", INDEX_KINDS)
+    hnsw_m: int = bounded(32, ge=2)
+    hnsw_ef_construction: int = bounded(200, ge=1)
+    hnsw_ef_search: int = bounded(256, ge=1)
+    ivf_nlist: int = bounded(0, ge=0)  # 0: 4 * sqrt(corpus size), at most corpus size / 39; at most the corpus size
+    ivf_nprobe: int = bounded(32, ge=1)
 
 
 def build_index(p_reps: np.ndarray, config: IndexConfig = IndexConfig()) -> faiss.Index:

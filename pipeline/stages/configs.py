@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data.fields import bounded, one_of
 from pipeline.train import TrainConfig
 
 DISTILL_TERMS = ("ce", "col", "de", "kl_ce_col", "kl_col_de", "kl_ce_de", "attn", "dualreg")
 POSTTRAIN_TERMS = ("mlm", "simcse", "mirror")
+TEACHER_TARGETS = ("kl_ce_col", "kl_ce_de", "attn")  # terms that read the teacher as a (detached) target
 
 
 @dataclass(frozen=True)
@@ -15,14 +17,14 @@ class PosttrainConfig:
     """MLM on the corpus, optionally with SimCSE (dropout views) or Mirror-BERT (plus span masking)."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=5e-4))
-    batch_size: int = 32
-    mlm: float = 1.0
-    simcse: float = 0.0
-    mirror: float = 0.0
-    mlm_probability: float = 0.15
-    simcse_tau: float = 0.05
-    mirror_tau: float = 0.04
-    mirror_span: int = 5
+    batch_size: int = bounded(32, ge=1)  # passages; at most the corpus size
+    mlm: float = bounded(1.0, ge=0)  # mlm, simcse, mirror: at least one above 0
+    simcse: float = bounded(0.0, ge=0)
+    mirror: float = bounded(0.0, ge=0)
+    mlm_probability: float = bounded(0.15, gt=0, le=1)
+    simcse_tau: float = bounded(0.05, gt=0)
+    mirror_tau: float = bounded(0.04, gt=0)
+    mirror_span: int = bounded(5, ge=1)
 
 
 @dataclass(frozen=True)
@@ -30,23 +32,23 @@ class TeacherConfig:
     """Cross-encoder on (query, positive, BM25 negatives) groups with the listwise ``ce`` loss."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=1e-3, checkpoint_every=250))
-    batch_size: int = 16
-    group_size: int = 4
-    tau: float = 1.0
+    batch_size: int = bounded(16, ge=1)  # groups; at most the number of training queries
+    group_size: int = bounded(4, ge=2)  # the positive and group_size - 1 negatives: 1 would leave nothing to rank
+    tau: float = bounded(1.0, gt=0)
 
 
 @dataclass(frozen=True)
 class LossWeights:
     """Weight of every distillation term; 0 removes the term and the work it needs."""
 
-    ce: float = 1.0
-    col: float = 1.0
-    de: float = 1.0
-    kl_ce_col: float = 1.0
-    kl_col_de: float = 1.0
-    kl_ce_de: float = 1.0
-    attn: float = 1.0
-    dualreg: float = 1.0
+    ce: float = bounded(1.0, ge=0)
+    col: float = bounded(1.0, ge=0)
+    de: float = bounded(1.0, ge=0)
+    kl_ce_col: float = bounded(1.0, ge=0)
+    kl_col_de: float = bounded(1.0, ge=0)
+    kl_ce_de: float = bounded(1.0, ge=0)
+    attn: float = bounded(1.0, ge=0)
+    dualreg: float = bounded(1.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -59,29 +61,30 @@ class DistillConfig:
     """
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4, checkpoint_every=100))
-    batch_size: int = 8
-    group_size: int = 4
+    batch_size: int = bounded(8, ge=1)  # groups; at most the number of training queries
+    # 1 (no negative) only with de / dualreg in-batch alone: every other term ranks within the group.
+    group_size: int = bounded(4, ge=1)
     weights: LossWeights = field(default_factory=LossWeights)
     in_batch: bool = True
     cross_device: bool = True  # with in_batch: the passages of every process are candidates (RocketQA)
-    tau_de: float = 0.05
-    tau_col: float = 1.0
-    tau_ce: float = 1.0
+    tau_de: float = bounded(0.05, gt=0)
+    tau_col: float = bounded(1.0, gt=0)
+    tau_ce: float = bounded(1.0, gt=0)
     # ColBERT token vectors are unit-norm, so t.t lies in [-1, 1]: at tau 1 no token can take more
     # than e^2 / (e^2 + 99) = 7% of a student row over 100 passage tokens, flatter than a peaked CE
     # row. Sharper is not safer: on the demo, tau 0.05 (logits of +-20) let the attention term's
     # gradients swamp the contrastive term and the dual-encoder collapsed (nDCG@10 0.0068), 0.2
     # gave 0.171 and 1 gave 0.477 (README, "Two commands").
-    tau_attn: float = 1.0
+    tau_attn: float = bounded(1.0, gt=0)
     kl_temperature_squared: bool = False
     freeze_teacher: bool = False
-    colbert_dim: int = 128
-    attn_layer: int = -1
-    attn_heads: str = "mean"  # "mean" or "max"
-    attn_pairs: str = "positive"  # "positive" or "all"
+    colbert_dim: int = bounded(128, ge=1)
+    attn_layer: int = -1  # a layer of the cross-encoder, from 0; negative counts from the last
+    attn_heads: str = one_of("mean", ("mean", "max"))
+    attn_pairs: str = one_of("positive", ("positive", "all"))
     # "cross_encoder": the teacher stage's model, run in the step; "scores": the frozen, cached
     # scores of a ``scores`` stage (no teacher forward; ``ce`` and ``attn`` must then be 0).
-    teacher: str = "cross_encoder"
+    teacher: str = one_of("cross_encoder", ("cross_encoder", "scores"))
 
 
 def warmup_config() -> DistillConfig:
@@ -103,14 +106,14 @@ class ScoresConfig:
     KL terms would pull the student away from the labels.
     """
 
-    bm25: float = 1.0
-    dual_encoder: float = 1.0
-    cross_encoder: float = 0.0
-    passage_max_len: int = 0
+    bm25: float = bounded(1.0, ge=0)  # bm25, dual_encoder, cross_encoder: at least one above 0
+    dual_encoder: float = bounded(1.0, ge=0)
+    cross_encoder: float = bounded(0.0, ge=0)
+    passage_max_len: int = bounded(0, ge=0)
     # Training lists only: labels overrule the teacher's order. A positive scored below a negative is
     # lifted to the best negative's score + ``positive_margin`` (negatives keep their scores).
     label_correction: bool = True
-    positive_margin: float = 1.0
+    positive_margin: float = bounded(1.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -120,5 +123,27 @@ class RefreshConfig:
     The top ``skip_top`` non-relevant passages are skipped: they are often unlabelled positives.
     """
 
-    depth: int = 30
-    skip_top: int = 0
+    depth: int = bounded(30, ge=1)
+    skip_top: int = bounded(0, ge=0)
+
+
+def needs(weights: dict[str, float], teacher: str = "cross_encoder") -> dict[str, bool]:
+    """What a set of weights needs: the CE model (``ce``), cached teacher scores (``cached``), ColBERT (``col``)."""
+    reads_teacher = any(weights[t] for t in ("ce", *TEACHER_TARGETS))
+    return {
+        "ce": reads_teacher and teacher == "cross_encoder",
+        "cached": reads_teacher and teacher == "scores",
+        "col": any(weights[t] for t in ("col", "kl_ce_col", "kl_col_de", "attn")),
+    }
+
+
+def term_weights(stage: DistillConfig) -> dict[str, float]:
+    """The stage's weight of every term, with ``ce`` at 0 unless the CE trains on the fly.
+
+    The CE trains only when its own ``ce`` term is on and it is not frozen: with ``ce`` at 0 it is
+    frozen (no graph, no dropout, no unused parameters under DDP) even if other terms read it.
+    """
+    weights = {name: float(value) for name, value in vars(stage.weights).items()}
+    if not (needs(weights, stage.teacher)["ce"] and weights["ce"] and not stage.freeze_teacher):
+        weights["ce"] = 0.0
+    return weights

@@ -28,35 +28,10 @@ from pipeline.distributed import gather_with_grad
 from pipeline.io import atomic_dir
 from pipeline.stages.common import (StageContext, colbert_scorer, cross_encoder_scorer, evaluate_dual_encoder, rerank,
                                     rerank_label)
-from pipeline.stages.configs import DistillConfig
+from pipeline.stages.configs import TEACHER_TARGETS, DistillConfig, needs, term_weights
 from pipeline.stages.scores import read_teacher_scores
 from pipeline.stages.teacher import training_groups
 from pipeline.train import train
-
-TEACHER_TARGETS = ("kl_ce_col", "kl_ce_de", "attn")  # terms that read the teacher as a (detached) target
-
-
-def needs(weights: dict[str, float], teacher: str = "cross_encoder") -> dict[str, bool]:
-    """What a set of weights needs: the CE model (``ce``), cached teacher scores (``cached``), ColBERT (``col``)."""
-    reads_teacher = any(weights[t] for t in ("ce", *TEACHER_TARGETS))
-    return {
-        "ce": reads_teacher and teacher == "cross_encoder",
-        "cached": reads_teacher and teacher == "scores",
-        "col": any(weights[t] for t in ("col", "kl_ce_col", "kl_col_de", "attn")),
-    }
-
-
-def term_weights(stage: DistillConfig) -> dict[str, float]:
-    """The stage's weight of every term, with ``ce`` at 0 unless the CE trains on the fly.
-
-    The CE trains only when its own ``ce`` term is on and it is not frozen: with ``ce`` at 0 it is
-    frozen (no graph, no dropout, no unused parameters under DDP) even if other terms read it.
-    """
-    weights = {name: float(value) for name, value in vars(stage.weights).items()}
-    if not (needs(weights, stage.teacher)["ce"] and weights["ce"] and not stage.freeze_teacher):
-        weights["ce"] = 0.0
-    return weights
-
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:

@@ -7,14 +7,18 @@ Layout under ``root``::
     qrels/<split>.tsv query-id <TAB> corpus-id <TAB> score, with a header line, LF or CRLF
 
 Only ``_id``, ``title`` and ``text`` are kept: other fields (BEIR's ``metadata``) may hold gold
-labels and never reach a model. Every problem is an :class:`InputError` naming file and line, and
-is raised before anything downstream starts.
+labels and never reach a model. Ids are stripped of surrounding whitespace in every file alike. A
+text is empty when it has no character a tokenizer keeps (whitespace, control characters such as
+NUL, and format characters such as zero-width spaces do not count). A qrels row that judges a
+(query, document) pair already judged with another score is refused, not resolved by the last row.
+Every problem is an :class:`InputError` naming file and line, raised before anything downstream starts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -47,6 +51,15 @@ class BeirData:
     def judged_queries(self, split: str) -> list[str]:
         """Ids of the split's queries with at least one relevant (score > 0) document, sorted."""
         return sorted(q for q, docs in self.qrels[split].items() if any(s > 0 for s in docs.values()))
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` holds a character that a tokenizer keeps.
+
+    >>> visible(" \\u200b\\x00\\t"), visible("\\u200ba")
+    (False, True)
+    """
+    return any(not (c.isspace() or unicodedata.category(c) in ("Cc", "Cf")) for c in text)
 
 
 def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -82,10 +95,12 @@ def _jsonl_rows(path: str, fields: tuple[str, ...], required: tuple[str, ...]) -
             if not isinstance(value, str):
                 raise InputError(f"field '{field}' must be a string, got {type(value).__name__}", path, number)
             row[field] = value
-        if not row["_id"].strip():
+        row["_id"] = row["_id"].strip()
+        if not visible(row["_id"]):
             raise InputError("empty '_id'", path, number)
-        if not (row["text"].strip() or row.get("title", "").strip()):
-            raise InputError(f"empty text for id '{row['_id']}'", path, number)
+        if not (visible(row["text"]) or visible(row.get("title", ""))):
+            raise InputError(f"empty text for id '{row['_id']}' (no character but whitespace, control or "
+                             "zero-width ones)", path, number)
         if row["_id"] in seen:
             raise InputError(f"duplicate id '{row['_id']}'", path, number)
         seen.add(row["_id"])
@@ -139,13 +154,18 @@ def _load_saved(path: Path, fields: tuple[str, ...], required: tuple[str, ...]) 
         raise InputError("no records", path)
     if "title" in fields:
         dataset = dataset.map(lambda row: {"title": row["title"] or ""})
-    seen: set[str] = set()
     for i, row in enumerate(dataset):
         for field in required:
             if row[field] is None:
                 raise InputError(f"row {i}: missing '{field}'", path)
-        if not (row["text"].strip() or (row.get("title") or "").strip()):
-            raise InputError(f"row {i}: empty text for id '{row['_id']}'", path)
+    dataset = dataset.map(lambda row: {"_id": row["_id"].strip()})
+    seen: set[str] = set()
+    for i, row in enumerate(dataset):
+        if not visible(row["_id"]):
+            raise InputError(f"row {i}: empty '_id'", path)
+        if not (visible(row["text"]) or visible(row.get("title") or "")):
+            raise InputError(f"row {i}: empty text for id '{row['_id']}' (no character but whitespace, control or "
+                             "zero-width ones)", path)
         if row["_id"] in seen:
             raise InputError(f"row {i}: duplicate id '{row['_id']}'", path)
         seen.add(row["_id"])
@@ -167,6 +187,7 @@ def load_qrels(path: Path, query_ids: set[str], doc_ids: set[str]) -> Qrels:
     if not path.is_file():
         raise InputError("missing qrels file", path)
     qrels: Qrels = {}
+    judged_on: dict[tuple[str, str], int] = {}  # (query id, doc id) -> the line that judged it
     lines = _read_lines(path)
     first = next(lines, None)
     if first is None or tuple(c.strip().lower() for c in first[1].split("\t")) != QRELS_HEADER:
@@ -187,6 +208,11 @@ def load_qrels(path: Path, query_ids: set[str], doc_ids: set[str]) -> Qrels:
             raise InputError(f"query id '{qid}' is not in queries", path, number)
         if did not in doc_ids:
             raise InputError(f"corpus id '{did}' is not in the corpus", path, number)
+        earlier = qrels.get(qid, {}).get(did)
+        if earlier is not None and earlier != relevance:
+            raise InputError(f"query '{qid}' and document '{did}' are judged again with another score ({relevance}; "
+                             f"line {judged_on[qid, did]} gave {earlier})", path, number)
+        judged_on[qid, did] = number
         qrels.setdefault(qid, {})[did] = relevance
     if not any(s > 0 for docs in qrels.values() for s in docs.values()):
         raise InputError("no judged queries (no row with score > 0)", path)

@@ -2,9 +2,10 @@
 stage is not reused.
 
 A stage's identity is the sha256 of its *key*: its own config, the config sections every stage
-reads (data, model, negatives, eval), the seed, a digest of the pipeline's source, fingerprints of
-the data and model files, and the hashes of the stages it reads. ``DONE.json`` keeps the key, so a
-later command can name the setting that changed. The run (``pipeline/run.py``) and
+reads (data, model, negatives, eval), the seed, the precision (``run.mixed_precision``), a digest
+of the pipeline's source, fingerprints of the data and model files, and the hashes of the stages it
+reads. ``DONE.json`` keeps the key and the code version (git commit and source digest), so a later
+command can name the setting that changed, and the two code versions when the source did. The run (``pipeline/run.py``) and
 ``run_pipeline.py --plan`` both decide through these functions, so the plan and the run cannot
 drift apart. Nothing here writes a file.
 """
@@ -15,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,13 +24,14 @@ from typing import Sequence
 from data.demo import built_demo, ensure_demo
 from data.errors import InputError
 from pipeline.config import DEMO, PipelineConfig, to_dict
-from pipeline.stages.distill import needs
+from pipeline.stages.configs import needs
 from pipeline.train import latest_checkpoint
 
+SOURCE_PACKAGES = ("data", "models", "losses", "pipeline")
 DETERMINISTIC_STAGES = ("scores",)  # no randomness: every seed shares them
 SHARED_SECTIONS = ("data", "model", "negatives", "eval")  # config sections every stage depends on
 _EXPLAINED = {
-    "code": "the pipeline's source changed (data/, models/, losses/, pipeline/)",
+    "code": "the pipeline's source changed (data/, models/, losses/, pipeline/)",  # see changed_settings
     "data_files": "the data files changed (size or modification time)",
     "model_files": "the starting model's files changed (size or modification time)",
 }
@@ -74,9 +77,24 @@ def code_digest() -> str:
     when the code is loaded: an edit made while a run goes on does not change its hashes."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted(p for package in ("data", "models", "losses", "pipeline") for p in (root / package).rglob("*.py")):
+    for path in sorted(p for package in SOURCE_PACKAGES for p in (root / package).rglob("*.py")):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """The code that runs, as ``DONE.json`` records it: the git commit, ``+changes`` when the pipeline's
+    source differs from it (``unknown`` outside git), and the source digest the stage hashes hold."""
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                       check=True, timeout=30).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        commit += "+changes" if git("status", "--porcelain", "--", *SOURCE_PACKAGES) else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return f"{commit}, source {code_digest()[:8]}"
 
 
 def digest(obj) -> str:
@@ -135,9 +153,10 @@ def _required(upstream: str | None, kind: str, name: str, why: str) -> str:
 
 
 def base_key(config: PipelineConfig, data_dir: Path, model_path: str) -> dict:
-    """What every stage of a run depends on: code, data and model files, and the shared config sections."""
+    """What every stage of a run depends on: code, data and model files, precision, and the shared config sections."""
     return {"code": code_digest(), "data_files": fingerprint(data_dir), "model_path": model_path,
-            "model_files": fingerprint(Path(model_path)), **{k: to_dict(config)[k] for k in SHARED_SECTIONS}}
+            "model_files": fingerprint(Path(model_path)), "run": {"mixed_precision": config.run.mixed_precision},
+            **{k: to_dict(config)[k] for k in SHARED_SECTIONS}}
 
 
 def negatives_file(config: PipelineConfig, data_dir: Path) -> Path:
@@ -171,7 +190,8 @@ def plan_stages(config: PipelineConfig, base: dict) -> list[PlannedStage]:
     stages: dict[str, PlannedStage] = {}
     for name, roles in stage_plan(config):
         seed = None if name in DETERMINISTIC_STAGES else config.run.seed
-        key = _plain({"stage": name, name: to_dict(getattr(config, name)), "run": {"seed": seed}, **base,
+        key = _plain({"stage": name, name: to_dict(getattr(config, name)), **base,
+                      "run": {**base.get("run", {}), "seed": seed},
                       "inputs": {role: stages[up].hash for role, up in roles.items()}})
         stage_hash = digest(key)
         stages[name] = PlannedStage(name, roles, key, stage_hash, config.run_dir / f"{name}-{stage_hash[:8]}")
@@ -199,8 +219,9 @@ def stage_state(stage: PlannedStage) -> StageState:
     for other in sorted(stage.folder.parent.glob(f"{stage.name}-*")):
         if other == stage.folder or not (other / "DONE.json").is_file():
             continue
-        old_key = json.loads((other / "DONE.json").read_text()).get("key")
-        changes = (tuple(changed_settings(old_key, stage.key, stage.roles)) if old_key is not None
+        done = json.loads((other / "DONE.json").read_text())
+        old_key, versions = done.get("key"), (done.get("code_version", "an older version"), code_version())
+        changes = (tuple(changed_settings(old_key, stage.key, stage.roles, versions)) if old_key is not None
                    else ("its settings were not recorded (finished by an older version of the pipeline)",))
         rank = len(changes) if old_key is not None else 10**6
         if closest is None or rank < closest[0]:
@@ -220,20 +241,28 @@ def stage_action(state: StageState, name: str, only: Sequence[str] | None) -> st
     return "resume" if state.resume_step is not None else "run"
 
 
-def changed_settings(old: dict, new: dict, roles: dict[str, str] | None = None) -> list[str]:
+def changed_settings(old: dict, new: dict, roles: dict[str, str] | None = None,
+                     versions: tuple[str, str] | None = None) -> list[str]:
     """What differs between two stage keys, one line per setting, as ``dotted.name: old -> new``.
 
-    >>> changed_settings({"distill": {"tau_de": 0.05}, "run": {"seed": 13}}, {"distill": {"tau_de": 0.1}, "run": {"seed": 13}})
-    ['distill.tau_de: 0.05 -> 0.1']
+    ``versions`` (the old and the new code version) are named when the source changed.
+
+    >>> changed_settings({"distill": {"tau_de": 0.05}, "run": {"mixed_precision": "no"}},
+    ...                  {"distill": {"tau_de": 0.1}, "run": {"mixed_precision": "bf16"}})
+    ['distill.tau_de: 0.05 -> 0.1', 'run.mixed_precision: no -> bf16']
     >>> changed_settings({"code": "a", "inputs": {"encoder": "1"}}, {"code": "b", "inputs": {"encoder": "2"}}, {"encoder": "posttrain"})
     ["code: the pipeline's source changed (data/, models/, losses/, pipeline/)", 'inputs.encoder: the posttrain stage it reads changed']
+    >>> changed_settings({"code": "a"}, {"code": "b"}, versions=("2b4d4fa, source 1a2b3c4d", "9e8f7a6+changes, source 5e6f7a8b"))
+    ["code: the pipeline's source changed (data/, models/, losses/, pipeline/): finished by 2b4d4fa, source 1a2b3c4d; this is 9e8f7a6+changes, source 5e6f7a8b"]
     """
     before, after = _flatten(old), _flatten(new)
     settings, files, inputs = [], [], []  # the settings first: the inputs' changes follow from theirs
     for name in [*after, *(n for n in before if n not in after)]:
         if before.get(name, _ABSENT) == after.get(name, _ABSENT):
             continue
-        if name in _EXPLAINED:
+        if name == "code" and versions:
+            files.append(f"code: {_EXPLAINED['code']}: finished by {versions[0]}; this is {versions[1]}")
+        elif name in _EXPLAINED:
             files.append(f"{name}: {_EXPLAINED[name]}")
         elif name.startswith("inputs."):
             upstream = (roles or {}).get(name.split(".", 1)[1])
@@ -247,7 +276,10 @@ _ABSENT = object()
 
 
 def _show(value) -> str:
-    return "(absent)" if value is _ABSENT else repr(value)
+    """A setting's value as the config spells it: strings bare (``bf16``), others as Python writes them."""
+    if value is _ABSENT:
+        return "(absent)"
+    return value if isinstance(value, str) and value.strip() == value and value else repr(value)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -325,3 +357,4 @@ def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
 
 
 code_digest()  # taken when the code is loaded, not when a later run starts
+code_version()

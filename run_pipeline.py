@@ -4,6 +4,7 @@
 Examples:
     python run_pipeline.py                                   # demo: generated data, tiny BERT, no download
     python run_pipeline.py --plan distill.tau_de=0.1         # what would run, resume or be reused; writes nothing
+    python run_pipeline.py --check data.path=/data/beir      # validate config, data and model; train nothing
     python run_pipeline.py run.name=try1 eval.index.kind=hnsw distill.train.lr=3e-4
     python run_pipeline.py evaluate runs/demo/distill-<hash> --data runs/demo_assets/data
     accelerate launch --config_file configs/accelerate/8gpu_ddp.yaml run_pipeline.py --config configs/msmarco_bert_base.yaml
@@ -13,22 +14,46 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 from data.errors import InputError
+from pipeline.interrupt import EXIT_STATUS as INTERRUPTED, Interrupted, handle_ctrl_c
 from pipeline.train import TrainingDiverged
 
-OVERRIDES_HELP = ("Overrides are key.sub=value pairs over the config's fields (see configs/demo.yaml for every "
-                  "field). Bad input exits with status 2 and a one-line error.")
+OVERRIDES_HELP = ("Overrides are key.sub=value pairs over the config's fields (listed below, and in "
+                  "configs/demo.yaml). Bad input exits with status 2 and a one-line error, before anything runs.")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (not the usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def fields_help() -> str:
+    """Every config field with its type, what it accepts and its default (the same table as the README's)."""
+    from pipeline.config import field_rows
+
+    rows = field_rows()
+    width = max(len(key) for key, *_ in rows)
+    lines = [f"  {key:<{width}}  {kind:<5}  {accepts}  (default {default})" for key, kind, accepts, default in rows]
+    return "Config fields (key, type, what it accepts, default):\n" + "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__.split("\n\n")[0],
         epilog=OVERRIDES_HELP + " Under `accelerate launch` every stage's batch_size is the global batch, split over "
-        "the processes (see configs/accelerate/). A run stopped by the numerical guard exits with status 1.\n\n"
+        "the processes (see configs/accelerate/). A run stopped by the numerical guard exits with status 1, by "
+        "Ctrl-C with status 130 (rerun the same command to resume; a second Ctrl-C exits at once).\n\n"
         "Evaluate a saved model without training: run_pipeline.py evaluate MODEL --data DIR "
-        "(see run_pipeline.py evaluate --help).",
+        "(see run_pipeline.py evaluate --help).\n\n" + fields_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (default: the built-in demo config)")
@@ -38,15 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(comma-separated; terms: ce, col, de, kl_ce_col, kl_col_de, kl_ce_de, attn, dualreg)")
     parser.add_argument("--variants", help="YAML file mapping variant names to lists of terms to switch off; "
                         "runs them all and ends with one comparison table (ablation.md)")
-    parser.add_argument("--plan", action="store_true", help="print what the command would do and write nothing: "
-                        "each stage's hash and status (done, resumes at step N, will run, reused from another variant), "
-                        "and the settings that changed where a finished stage is not reused")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true", help="print what the command would do and write nothing: "
+                      "each stage's hash and status (done, resumes at step N, will run, reused from another variant), "
+                      "and the settings that changed where a finished stage is not reused")
+    mode.add_argument("--check", action="store_true", help="run every check of the config, the data and the model "
+                      "(and how they fit together) that a run makes before its first stage, then stop; trains nothing "
+                      "(the demo's data and model are built if asked for)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="run_pipeline.py evaluate",
         description="Evaluate a dual-encoder on a BEIR dataset without training, through the stages' own "
         "evaluation (FAISS search, MRR@10, nDCG@10, Recall@k), optionally re-ranking its top eval.rerank_depth "
@@ -78,37 +107,77 @@ def main(argv: list[str] | None = None) -> int:
     args = (build_evaluate_parser().parse_intermixed_args(argv[1:]) if evaluating
             else build_parser().parse_intermixed_args(argv))
     configure_logging()
-    try:
-        from pipeline.config import load_config
+    config = None
+    with handle_ctrl_c():
+        try:
+            from pipeline.config import load_config
 
-        config = load_config(args.config, args.overrides)
-        if evaluating:
-            _evaluate(args, config)
-        else:
-            _train(args, config)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+            config = load_config(args.config, args.overrides)
+            if evaluating:
+                _evaluate(args, config)
+            else:
+                _train(args, config)
+        except InputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except TrainingDiverged as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as error:
+            print(error if isinstance(error, Interrupted) else Interrupted(), file=sys.stderr)
+            return INTERRUPTED
+        except Exception as error:  # a bug or a library's failure: one line here, the traceback in the log
+            writes = not (evaluating or args.plan or args.check) and config is not None
+            kept = keep_traceback(config.run_dir if writes else None)
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            print(f"error: {type(error).__name__}: {message} (the traceback is in {kept})", file=sys.stderr)
+            return 2
     return 0
 
 
+def keep_traceback(run_dir: Path | None) -> Path:
+    """Append the exception being handled, with its traceback, to the run folder's log (or a temporary file)."""
+    from pipeline.run import LOG_FILE
+
+    text = f"{time.strftime('%Y-%m-%d %H:%M:%S')} unexpected error:\n{traceback.format_exc()}"
+    fallback = Path(tempfile.gettempdir()) / f"run_pipeline-{os.getpid()}.log"
+    for path in ([run_dir / LOG_FILE] if run_dir is not None and run_dir.is_dir() else []) + [fallback]:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return fallback
+
+
 def _train(args: argparse.Namespace, config) -> None:
-    from pipeline.ablation import ablated, load_variants, run_ablation
+    from pipeline.ablation import ablated, check_variant, load_variants, run_ablation
     from pipeline.run import run
 
-    only = args.stages.split(",") if args.stages else None
-    variants = load_variants(args.variants) if args.variants else {}
+    only = [name.strip() for name in args.stages.split(",")] if args.stages else None
+    variants = {name: (terms, args.variants) for name, terms in load_variants(args.variants).items()} if args.variants else {}
     if args.ablate:
-        variants["no-" + "-".join(args.ablate.split(","))] = args.ablate.split(",")
-    for terms in variants.values():
-        ablated(config, terms)  # an unknown term fails here, before anything runs
+        terms = [term.strip() for term in args.ablate.split(",")]
+        name = "no-" + "-".join(terms)
+        if name in variants:
+            raise InputError(f"--ablate: its variant '{name}' is also in the variants file {args.variants}")
+        variants[name] = (terms, "--ablate")
+    for name, (terms, source) in variants.items():
+        check_variant(config, name, terms, source)  # before anything runs
+    variants = {name: terms for name, (terms, _) in variants.items()}
     if args.plan:
         from pipeline.plan import describe_plan
 
         print(describe_plan([("full", config)] + [(name, ablated(config, terms)) for name, terms in variants.items()], only))
+    elif args.check:
+        from pipeline.run import prepare
+
+        checked = prepare(config, only)
+        split = config.data.train_split
+        print(f"ok: {len(checked.data.corpus)} passages, {len(checked.data.judged_queries(split))} training queries "
+              f"('{split}'), {len(checked.data.judged_queries(config.eval.split))} evaluation queries "
+              f"('{config.eval.split}'), model {checked.model_path}; the stages {config.run.stages} can start")
     elif variants:
         run_ablation(config, variants, only)
     else:

@@ -4,6 +4,9 @@ Every stage lives in ``<run dir>/<stage>-<hash>/`` where the hash covers the sta
 everything upstream of it. A rerun skips finished stages (``DONE.json`` with the same hash),
 resumes an interrupted one from its last checkpoint, and trains a stage whose config changed in a
 new folder (and says so). Ablation variants share every stage whose hash is unchanged.
+
+Before anything runs, :func:`prepare` checks the config, the data, the model and how they fit
+together; a run then holds the run folder's lock (``pipeline/lock.py``) and logs to its ``run.log``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import hashlib
 import importlib.util
 import json
 import logging
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -24,12 +30,15 @@ from data.bm25 import BM25Index
 from data.negatives import mine_negatives
 from data.pseudo import add_pseudo_queries
 from pipeline.batches import check_divisible
-from pipeline.config import PipelineConfig, save_config
+from pipeline import interrupt
+from pipeline.config import PipelineConfig, check_config, save_config
+from pipeline.distributed import any_true
 from pipeline.evaluate import bm25_search, evaluate_dense
 from pipeline.io import read_jsonl, remove_tree, write_json_atomic, write_jsonl_atomic
+from pipeline.lock import run_lock
 from pipeline.metrics import evaluate_ranking
 from pipeline.model_card import write_model_cards
-from pipeline.plan import (base_key, check_model_path, initial_file, negatives_file, plan_stages, resolve_inputs,
+from pipeline.plan import (base_key, code_version, initial_file, negatives_file, plan_stages, resolve_inputs,
                            stage_action, stage_state)
 from pipeline.report import stage_table, write_report
 from pipeline.stages.common import StageContext
@@ -38,9 +47,11 @@ from pipeline.stages.posttrain import run_posttrain
 from pipeline.stages.refresh import NEGATIVES_FILE, run_refresh
 from pipeline.stages.scores import TEACHER_SCORES_FILE, run_scores
 from pipeline.stages.teacher import run_teacher
+from pipeline.validate import check_inputs, check_model
 
 log = logging.getLogger(__name__)
 DEV = "dev"
+LOG_FILE = "run.log"  # in the run folder: every log line of its runs, and the traceback of an unexpected error
 RUNNERS = {"posttrain": run_posttrain, "teacher": run_teacher, "scores": run_scores, "warmup": run_distill, "refresh": run_refresh,
            "distill": run_distill}
 
@@ -72,27 +83,32 @@ def carve_dev(data: BeirData, train_split: str, size: int) -> BeirData:
     return dataclasses.replace(data, qrels=qrels)
 
 
-def check_model(config: PipelineConfig, model_path: str):
-    """The model's tokenizer; fails early, with one line, on a model that cannot be used."""
-    from transformers import AutoConfig, AutoTokenizer
+@dataclass(frozen=True)
+class Inputs:
+    """A run's inputs, checked: the data (dev split carved, pseudo-queries added), the model's tokenizer and config."""
 
-    check_model_path(model_path)
-    try:
-        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot load model ({first_line})", model_path) from None
-    vocab = getattr(model_config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise InputError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}: "
-                         "they do not belong together", model_path)
-    positions = getattr(model_config, "max_position_embeddings", None)
-    longest = 3 + config.eval.query_max_len + config.eval.passage_max_len  # the cross-encoder's [CLS] q [SEP] p [SEP]
-    if positions is not None and longest > positions:
-        raise InputError(f"eval.query_max_len + eval.passage_max_len + 3 = {longest} exceeds the model's "
-                         f"max_position_embeddings ({positions})", model_path)
-    return tokenizer
+    data_dir: Path
+    model_path: str
+    data: BeirData
+    tokenizer: object
+    model_config: object
+
+
+def prepare(config: PipelineConfig, only: list[str] | None = None, accelerator: Accelerator | None = None) -> Inputs:
+    """The one validation pass before anything runs: the config, the data, the model, and how they fit.
+
+    Builds the demo assets where ``demo`` is asked for (the main process first, under an accelerator).
+    Every problem is an :class:`InputError`.
+    """
+    check_config(config)  # again: an ablation variant is built in code, not loaded
+    with accelerator.main_process_first() if accelerator else nullcontext():
+        data_dir, model_path = resolve_inputs(config)
+        data = load_data(config, data_dir)
+    tokenizer, model_config = check_model(config, model_path)
+    check_inputs(config, data, tokenizer, model_config, model_path, only)
+    if accelerator:
+        check_launch(config, accelerator)
+    return Inputs(data_dir, model_path, data, tokenizer, model_config)
 
 
 def mine_bm25_negatives(config: PipelineConfig, data: BeirData, index: BM25Index, path: Path) -> dict[str, list[str]]:
@@ -134,16 +150,48 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
         probe.unlink()
     except OSError as e:
         raise InputError(f"cannot write the run directory ({e.strerror})", run_dir) from None
-    with accelerator.main_process_first():  # the main process builds the demo assets and data cache first
-        data_dir, model_path = resolve_inputs(config)
-        data = load_data(config, data_dir)
-    tokenizer = check_model(config, model_path)
-    for name in only or []:
-        if name not in config.stage_names:
-            raise InputError(f"--stages: '{name}' is not in run.stages ({config.run.stages})")
-    base = base_key(config, data_dir, model_path)
+    with ExitStack() as held:
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(run_lock(run_dir))
+            except InputError as e:
+                refusal = e
+        if any_true(refusal is not None, accelerator.device):  # every process stops, not only the one that tried
+            raise refusal or InputError("another run is using this folder", run_dir)
+        held.enter_context(_log_file(run_dir / LOG_FILE, accelerator))
+        return _run(config, only, variant, accelerator, tracker)
+
+
+@contextmanager
+def _log_file(path: Path, accelerator: Accelerator) -> Iterator[None]:
+    """The pipeline's log records also go to ``path`` (main process) while the block runs."""
+    if not accelerator.is_main_process:
+        yield
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    loggers = [logging.getLogger(package) for package in ("pipeline", "data", "models")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
+
+
+def _run(config: PipelineConfig, only: list[str] | None, variant: str, accelerator: Accelerator,
+         tracker: str | None) -> dict[str, dict]:
+    run_dir = config.run_dir
+    checked = prepare(config, only, accelerator)
+    data, tokenizer, model_path = checked.data, checked.tokenizer, checked.model_path
+    base = base_key(config, checked.data_dir, model_path)
     stages = plan_stages(config, base)
-    check_launch(config, accelerator)
+    for stage in stages:  # --stages reads the other stages' final/: refused now, not after the first has trained
+        if stage_action(stage_state(stage), stage.name, only) == "refuse":
+            raise InputError(f"--stages: '{stage.name}' has not finished with this config; run it first")
     if tracker:
         accelerator.init_trackers(variant or config.run.name)
     if accelerator.is_main_process:
@@ -151,7 +199,7 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
 
     bm25 = BM25Index(data.passage_texts(), config.negatives.bm25)
     with accelerator.main_process_first():  # mined and written once, read by the other processes
-        negatives = mine_bm25_negatives(config, data, bm25, negatives_file(config, data_dir))
+        negatives = mine_bm25_negatives(config, data, bm25, negatives_file(config, checked.data_dir))
     split = config.eval.split
     bm25_ranking = bm25_search(bm25, data, data.judged_queries(split), config.eval.top_k)
     results: dict[str, dict] = {"bm25": {"bm25": evaluate_ranking(data.qrels[split], bm25_ranking)}}
@@ -160,46 +208,48 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     folders = {stage.name: stage.folder for stage in stages}
     for stage in stages:
         name, roles, stage_dir = stage.name, stage.roles, stage.folder
-        state = stage_state(stage)
-        action = stage_action(state, name, only)
-        if action == "skip":
-            log.info("stage %s: finished earlier (%s), skipped", name, stage_dir.name)
-            results[name] = json.loads((stage_dir / "eval" / "metrics.json").read_text())
-            continue
-        if action == "refuse":
-            raise InputError(f"--stages: '{name}' has not finished with this config; run it first")
-        if action == "rerun" and stage_dir.exists() and accelerator.is_main_process:
-            remove_tree(stage_dir)
-        accelerator.wait_for_everyone()
-        if state.other:
-            log.warning("stage %s: not reusing the finished %s (%s); training anew in %s",
-                        name, state.other, "; ".join(state.changes), stage_dir.name)
-        inputs = {role: _input_folder(role, up, folders[up]) for role, up in roles.items()}
-        inputs.setdefault("encoder", Path(model_path))
-        inputs.setdefault("dual_encoder", inputs["encoder"])
-        for role, up in roles.items():
-            if not (folders[up] / "DONE.json").exists():
-                raise InputError(f"stage {name} needs {up}, which has not finished", folders[up])
-        log.info("stage %s: %s", name, f"resuming at step {state.resume_step}" if action == "resume" else "starting")
-        # A stage's randomness depends on the run seed and its name alone: not on what ran before
-        # in this process, nor on where the files live.
-        set_seed(config.run.seed + int(hashlib.sha256(name.encode()).hexdigest()[:6], 16) % 1000)
-        stage_negatives = negatives
-        if "negatives" in inputs:
-            stage_negatives = {row["query_id"]: row["negatives"] for row in read_jsonl(inputs["negatives"])}
-        ctx = StageContext(config=config, accelerator=accelerator, data=data, tokenizer=tokenizer, negatives=stage_negatives,
-                           stage_dir=stage_dir, inputs={k: str(v) for k, v in inputs.items()},
-                           bm25_test_ranking=bm25_ranking, bm25=bm25)
-        metrics = RUNNERS[name](ctx, getattr(config, name))
-        results[name] = metrics
-        if accelerator.is_main_process:
-            write_model_cards(config, stages, name, results, data, model_path)
-            write_json_atomic(stage_dir / "eval" / "metrics.json", metrics)
-            write_json_atomic(stage.done_file, {"stage": name, "hash": stage.hash, "key": stage.key,
-                                                "inputs": stage.key["inputs"]})
-        accelerator.wait_for_everyone()
-        if name in ("teacher", "scores"):
-            _warn_if_weaker(name, metrics, results["initial"]["dual-encoder"], config.eval.split)
+        interrupt.check()
+        with interrupt.located(stage=name):  # Ctrl-C: one line naming the stage and its step
+            state = stage_state(stage)
+            action = stage_action(state, name, only)
+            if action == "skip":
+                log.info("stage %s: finished earlier (%s), skipped", name, stage_dir.name)
+                results[name] = json.loads((stage_dir / "eval" / "metrics.json").read_text())
+                continue
+            if action == "refuse":
+                raise InputError(f"--stages: '{name}' has not finished with this config; run it first")
+            if action == "rerun" and stage_dir.exists() and accelerator.is_main_process:
+                remove_tree(stage_dir)
+            accelerator.wait_for_everyone()
+            if state.other:
+                log.warning("stage %s: not reusing the finished %s (%s); training anew in %s",
+                            name, state.other, "; ".join(state.changes), stage_dir.name)
+            inputs = {role: _input_folder(role, up, folders[up]) for role, up in roles.items()}
+            inputs.setdefault("encoder", Path(model_path))
+            inputs.setdefault("dual_encoder", inputs["encoder"])
+            for role, up in roles.items():
+                if not (folders[up] / "DONE.json").exists():
+                    raise InputError(f"stage {name} needs {up}, which has not finished", folders[up])
+            log.info("stage %s: %s", name, f"resuming at step {state.resume_step}" if action == "resume" else "starting")
+            # A stage's randomness depends on the run seed and its name alone: not on what ran before
+            # in this process, nor on where the files live.
+            set_seed(config.run.seed + int(hashlib.sha256(name.encode()).hexdigest()[:6], 16) % 1000)
+            stage_negatives = negatives
+            if "negatives" in inputs:
+                stage_negatives = {row["query_id"]: row["negatives"] for row in read_jsonl(inputs["negatives"])}
+            ctx = StageContext(config=config, accelerator=accelerator, data=data, tokenizer=tokenizer,
+                               negatives=stage_negatives, stage_dir=stage_dir,
+                               inputs={k: str(v) for k, v in inputs.items()}, bm25_test_ranking=bm25_ranking, bm25=bm25)
+            metrics = RUNNERS[name](ctx, getattr(config, name))
+            results[name] = metrics
+            if accelerator.is_main_process:
+                write_model_cards(config, stages, name, results, data, model_path)
+                write_json_atomic(stage_dir / "eval" / "metrics.json", metrics)
+                write_json_atomic(stage.done_file, {"stage": name, "hash": stage.hash, "code_version": code_version(),
+                                                    "key": stage.key, "inputs": stage.key["inputs"]})
+            accelerator.wait_for_everyone()
+            if name in ("teacher", "scores"):
+                _warn_if_weaker(name, metrics, results["initial"]["dual-encoder"], config.eval.split)
     for open_tracker in accelerator.trackers:
         open_tracker.finish()
     if accelerator.is_main_process:

@@ -24,6 +24,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.errors import InputError
+from data.fields import bounded
+from pipeline import interrupt
 from pipeline.distributed import any_true, mean_over_processes
 from pipeline.io import remove_tree, write_json_atomic, write_text_atomic
 
@@ -40,21 +42,21 @@ class TrainingDiverged(RuntimeError):
 class TrainConfig:
     """Optimisation of one stage; ``batch_at`` yields one micro-batch per call."""
 
-    epochs: int = 1
-    max_steps: int = 0  # optimizer steps; 0: as many as the epochs give
-    grad_accum: int = 1
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    log_every: int = 10
-    checkpoint_every: int = 50  # optimizer steps
-    keep_checkpoints: int = 2
-    max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient before the run stops
+    epochs: int = bounded(1, ge=1)
+    max_steps: int = bounded(0, ge=0)  # optimizer steps; 0: as many as the epochs give
+    grad_accum: int = bounded(1, ge=1)
+    lr: float = bounded(5e-5, gt=0)
+    weight_decay: float = bounded(0.01, ge=0)
+    warmup_ratio: float = bounded(0.1, ge=0, lt=1)
+    max_grad_norm: float = bounded(1.0, ge=0)  # 0: no clipping
+    log_every: int = bounded(10, ge=1)
+    checkpoint_every: int = bounded(50, ge=1)  # optimizer steps
+    keep_checkpoints: int = bounded(2, ge=1)
+    max_bad_steps: int = bounded(5, ge=1)  # consecutive steps with a non-finite loss or gradient before the run stops
     # Learning rate of the parameters a stage creates from scratch (a cross-encoder's new head, the
     # ColBERT projection): a random head at the encoder's small rate barely moves in a short stage
     # while its gradients flow into the pretrained encoder. 0: the same as ``lr``.
-    head_lr: float = 0.0
+    head_lr: float = bounded(0.0, ge=0)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -173,61 +175,63 @@ def train(
     started, first_step = time.monotonic(), state.step
     running: dict[str, float] = {}
     bad_step = False
-    while state.step < total_steps:
-        epoch, index = state.position(batches_per_epoch)
-        last_micro = (state.micro_step + 1) % config.grad_accum == 0
-        # Gradients are averaged over processes once per optimizer step, not per micro-batch.
-        with nullcontext() if last_micro else accelerator.no_sync(model):
-            terms = step_fn(model, batch_at(epoch, index))
-            unknown = [name for name in terms if not weights.get(name)]
-            if unknown:
-                raise RuntimeError(f"step returned terms with no weight: {unknown}")
-            loss = sum(weights[name] * value for name, value in terms.items())
-            # Every process skips together: one skipping backward alone would hang the others.
-            finite = not any_true(not bool(torch.isfinite(loss)), accelerator.device)
-            if finite:
-                accelerator.backward(loss / config.grad_accum)
-        bad_step = bad_step or not finite
-        for name, value in {"loss": loss, **terms}.items():
-            running[name] = running.get(name, 0.0) + float(value.detach()) / config.grad_accum
-        state.micro_step += 1
-        if not last_micro:
-            continue
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-        if grad_norm is not None:  # None under DeepSpeed, which clips (and checks) in its own step
-            bad_step = bad_step or not bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if bad_step:
-            state.skipped_steps += 1
-            state.bad_in_a_row += 1
-            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)",
-                        state.step + 1, state.bad_in_a_row, state.skipped_steps)
-            if state.bad_in_a_row >= config.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{stage_dir.name}: {state.bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                    f"(max_bad_steps={config.max_bad_steps}); the last good checkpoint is kept in "
-                    f"{checkpoint_dir}. Lower the learning rate or check the data."
-                )
-        else:
-            optimizer.step()
-            state.bad_in_a_row = 0
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bad_step = False
-        state.step += 1
-        progress.update(1)
-        if state.step % config.log_every == 0 or state.step == total_steps:
-            running = mean_over_processes(running, accelerator.device)  # each process's loss is over its own rows
-            factor = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["initial_lr"]  # same for every group
-            record = {"step": state.step, "epoch": epoch, "lr": config.lr * factor,
-                      "skipped_steps": state.skipped_steps, **running}
-            _log(accelerator, log_path, record, prefix=stage_dir.name.split("-")[0])
-            progress.set_postfix(loss=f"{running['loss']:.4f}")
-            if plain_lines:
-                log.info(progress_line(stage_dir.name, record, total_steps, time.monotonic() - started,
-                                       state.step - first_step))
-        running = {}
-        if state.step % config.checkpoint_every == 0 and state.step < total_steps:
-            _save_checkpoint(accelerator, state, checkpoint_dir, config.keep_checkpoints)
+    with interrupt.located(step=lambda: state.step):  # Ctrl-C: the message names the step reached
+        while state.step < total_steps:
+            interrupt.check()  # a Ctrl-C that a library swallowed still stops the run here
+            epoch, index = state.position(batches_per_epoch)
+            last_micro = (state.micro_step + 1) % config.grad_accum == 0
+            # Gradients are averaged over processes once per optimizer step, not per micro-batch.
+            with nullcontext() if last_micro else accelerator.no_sync(model):
+                terms = step_fn(model, batch_at(epoch, index))
+                unknown = [name for name in terms if not weights.get(name)]
+                if unknown:
+                    raise RuntimeError(f"step returned terms with no weight: {unknown}")
+                loss = sum(weights[name] * value for name, value in terms.items())
+                # Every process skips together: one skipping backward alone would hang the others.
+                finite = not any_true(not bool(torch.isfinite(loss)), accelerator.device)
+                if finite:
+                    accelerator.backward(loss / config.grad_accum)
+            bad_step = bad_step or not finite
+            for name, value in {"loss": loss, **terms}.items():
+                running[name] = running.get(name, 0.0) + float(value.detach()) / config.grad_accum
+            state.micro_step += 1
+            if not last_micro:
+                continue
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+            if grad_norm is not None:  # None under DeepSpeed, which clips (and checks) in its own step
+                bad_step = bad_step or not bool(torch.isfinite(torch.as_tensor(grad_norm)))
+            if bad_step:
+                state.skipped_steps += 1
+                state.bad_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)",
+                            state.step + 1, state.bad_in_a_row, state.skipped_steps)
+                if state.bad_in_a_row >= config.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{stage_dir.name}: {state.bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                        f"(max_bad_steps={config.max_bad_steps}); the last good checkpoint is kept in "
+                        f"{checkpoint_dir}. Lower the learning rate or check the data."
+                    )
+            else:
+                optimizer.step()
+                state.bad_in_a_row = 0
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bad_step = False
+            state.step += 1
+            progress.update(1)
+            if state.step % config.log_every == 0 or state.step == total_steps:
+                running = mean_over_processes(running, accelerator.device)  # each process's loss is over its own rows
+                factor = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["initial_lr"]  # same for every group
+                record = {"step": state.step, "epoch": epoch, "lr": config.lr * factor,
+                          "skipped_steps": state.skipped_steps, **running}
+                _log(accelerator, log_path, record, prefix=stage_dir.name.split("-")[0])
+                progress.set_postfix(loss=f"{running['loss']:.4f}")
+                if plain_lines:
+                    log.info(progress_line(stage_dir.name, record, total_steps, time.monotonic() - started,
+                                           state.step - first_step))
+            running = {}
+            if state.step % config.checkpoint_every == 0 and state.step < total_steps:
+                _save_checkpoint(accelerator, state, checkpoint_dir, config.keep_checkpoints)
     progress.close()
     return state
 

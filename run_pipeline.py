@@ -48,6 +48,7 @@ def fields_help() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
+        prog="run_pipeline.py",
         description=__doc__.split("\n\n")[0],
         epilog=OVERRIDES_HELP + " Under `accelerate launch` every stage's batch_size is the global batch, split over "
         "the processes (see configs/accelerate/). A run stopped by the numerical guard exits with status 1, by "
@@ -161,7 +162,7 @@ def _train(args: argparse.Namespace, config) -> None:
         terms = [term.strip() for term in args.ablate.split(",")]
         name = "no-" + "-".join(terms)
         if name in variants:
-            raise InputError(f"--ablate: its variant '{name}' is also in the variants file {args.variants}")
+            raise InputError(f"--ablate: its variant {name!r} is also in the variants file {args.variants}")
         variants[name] = (terms, "--ablate")
     for name, (terms, source) in variants.items():
         check_variant(config, name, terms, source)  # before anything runs

@@ -99,10 +99,10 @@ def _jsonl_rows(path: str, fields: tuple[str, ...], required: tuple[str, ...]) -
         if not visible(row["_id"]):
             raise InputError("empty '_id'", path, number)
         if not (visible(row["text"]) or visible(row.get("title", ""))):
-            raise InputError(f"empty text for id '{row['_id']}' (no character but whitespace, control or "
+            raise InputError(f"empty text for id {row['_id']!r} (no character but whitespace, control or "
                              "zero-width ones)", path, number)
         if row["_id"] in seen:
-            raise InputError(f"duplicate id '{row['_id']}'", path, number)
+            raise InputError(f"duplicate id {row['_id']!r}", path, number)
         seen.add(row["_id"])
         yield row
 
@@ -164,10 +164,10 @@ def _load_saved(path: Path, fields: tuple[str, ...], required: tuple[str, ...]) 
         if not visible(row["_id"]):
             raise InputError(f"row {i}: empty '_id'", path)
         if not (visible(row["text"]) or visible(row.get("title") or "")):
-            raise InputError(f"row {i}: empty text for id '{row['_id']}' (no character but whitespace, control or "
+            raise InputError(f"row {i}: empty text for id {row['_id']!r} (no character but whitespace, control or "
                              "zero-width ones)", path)
         if row["_id"] in seen:
-            raise InputError(f"row {i}: duplicate id '{row['_id']}'", path)
+            raise InputError(f"row {i}: duplicate id {row['_id']!r}", path)
         seen.add(row["_id"])
     return dataset
 
@@ -205,12 +205,12 @@ def load_qrels(path: Path, query_ids: set[str], doc_ids: set[str]) -> Qrels:
         except ValueError:
             raise InputError(f"score must be an integer, got {score!r}", path, number) from None
         if qid not in query_ids:
-            raise InputError(f"query id '{qid}' is not in queries", path, number)
+            raise InputError(f"query id {qid!r} is not in queries", path, number)
         if did not in doc_ids:
-            raise InputError(f"corpus id '{did}' is not in the corpus", path, number)
+            raise InputError(f"corpus id {did!r} is not in the corpus", path, number)
         earlier = qrels.get(qid, {}).get(did)
         if earlier is not None and earlier != relevance:
-            raise InputError(f"query '{qid}' and document '{did}' are judged again with another score ({relevance}; "
+            raise InputError(f"query {qid!r} and document {did!r} are judged again with another score ({relevance}; "
                              f"line {judged_on[qid, did]} gave {earlier})", path, number)
         judged_on[qid, did] = number
         qrels.setdefault(qid, {})[did] = relevance

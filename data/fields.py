@@ -97,9 +97,9 @@ def _problem(f: dataclasses.Field, value: Any) -> str | None:
             return f"no {kind} given (expected a comma-separated list from {', '.join(allowed)})"
         for item in items:
             if item not in allowed:
-                return f"unknown {kind} '{item}' (known: {', '.join(allowed)})"
+                return f"unknown {kind} {item!r} (known: {', '.join(allowed)})"
         repeated = sorted({item for item in items if items.count(item) > 1})
-        return f"{kind} '{repeated[0]}' is listed twice" if repeated else None
+        return f"{kind} {repeated[0]!r} is listed twice" if repeated else None
     if "choices" in meta:
         allowed = _choices(meta)
         return None if value in allowed else f"expected one of {', '.join(allowed)}, got {value!r}"

@@ -6,7 +6,7 @@ import dataclasses
 import re
 
 from data.errors import InputError
-from pipeline.config import PipelineConfig, check_config
+from pipeline.config import PipelineConfig, check_config, yaml_problem
 from pipeline.distributed import world
 from pipeline.plan import stage_plan
 from pipeline.report import write_ablation_report
@@ -34,7 +34,7 @@ def check_variant(config: PipelineConfig, name, terms: list[str], source: str) -
     """A variant that can be told apart: a name that is a file name and not the baseline's, and terms that
     some stage of the run uses (otherwise its results would equal the full run's); ``source`` names where
     it was given (``--ablate`` or the variants file)."""
-    where = f"{source}: variant '{name}'"
+    where = f"{source}: variant {name!r}"
     if not isinstance(name, str):
         raise InputError(f"{where}: a variant name must be a string, got {type(name).__name__} (YAML reads an "
                          "unquoted yes, no, on, off, true, false or a number as such: quote it)")
@@ -68,7 +68,7 @@ def load_variants(path: str) -> dict[str, list[str]]:
     except OSError as e:
         raise InputError(f"cannot read variants file ({e.strerror})", path) from None
     except yaml.YAMLError as e:
-        raise InputError(f"invalid YAML ({getattr(e, 'problem', e)})", path) from None
+        raise InputError(f"invalid YAML ({yaml_problem(e)})", path) from None
     if not isinstance(variants, dict) or not all(
         isinstance(terms, list) and all(isinstance(t, str) for t in terms) for terms in variants.values()
     ):

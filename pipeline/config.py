@@ -139,6 +139,11 @@ def check_distill(name: str, stage: DistillConfig) -> None:
                          "identically 0; use >= 2 (1 only with de and dualreg alone, in_batch)")
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What the YAML parser objects to, on one line."""
+    return " ".join(str(getattr(error, "problem", None) or error).split())
+
+
 def _build(default, values: Any, where: str, source: str | None):
     """``default`` (a dataclass instance) updated by the nested mapping ``values``, type-checked."""
     if not isinstance(values, dict):
@@ -148,7 +153,7 @@ def _build(default, values: Any, where: str, source: str | None):
     unknown = sorted(str(k) for k in set(values) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise InputError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(fields))})", source)
+        raise InputError(f"unknown key {prefix + unknown[0]!r} (known: {', '.join(sorted(fields))})", source)
     changes = {}
     for name, value in values.items():
         key, hint = f"{where}.{name}" if where else name, hints[name]
@@ -180,7 +185,7 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     for depth, part in enumerate(parents, start=1):
         tree = tree.setdefault(part, {})
         if not isinstance(tree, dict):
-            raise InputError(f"override {dotted}: '{'.'.join(parents[:depth])}' is not a section")
+            raise InputError(f"override {dotted!r}: {'.'.join(parents[:depth])!r} is not a section")
     tree[leaf] = value
 
 
@@ -201,7 +206,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             raise InputError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            raise InputError(f"invalid YAML ({getattr(e, 'problem', e)})", path, mark and mark.line + 1) from None
+            raise InputError(f"invalid YAML ({yaml_problem(e)})", path, mark and mark.line + 1) from None
         if values is None:
             values = {}
         if not isinstance(values, dict):
@@ -218,7 +223,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             try:
                 value = yaml.safe_load(raw) if raw.strip() else ""
             except yaml.YAMLError as e:
-                raise InputError(f"override {item!r}: invalid YAML value ({getattr(e, 'problem', e)})") from None
+                raise InputError(f"override {item!r}: invalid YAML value ({yaml_problem(e)})") from None
             _set(tree, key.strip(), value)
         config = _build(PipelineConfig(), tree, "", None)
     check_config(config)

@@ -34,9 +34,9 @@ class Interrupted(KeyboardInterrupt):
         >>> str(Interrupted())
         'interrupted before the first stage; rerun the same command to resume'
         """
-        where = "before the first stage" if self.stage is None else f"during {self.stage}"
+        where = f" during {self.stage}" if self.stage else "" if self.step is not None else " before the first stage"
         at = "" if self.step is None else f" at step {self.step}"
-        return f"interrupted {where}{at}; rerun the same command to resume"
+        return f"interrupted{where}{at}; rerun the same command to resume"
 
 
 def _first(signum, frame) -> None:

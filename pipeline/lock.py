@@ -39,7 +39,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        holder = (handle.read().strip().splitlines() or ["another process"])[0]
         handle.close()
         raise InputError(f"another run is using this folder ({holder}); wait for it to finish, or use another "
                          "run.name", run_dir) from None

@@ -309,7 +309,7 @@ def describe_plan(runs: Sequence[tuple[str, PipelineConfig]], only: Sequence[str
             check_model_path(model_path)
         for name in only or []:
             if name not in config.stage_names:
-                raise InputError(f"--stages: '{name}' is not in run.stages ({config.run.stages})")
+                raise InputError(f"--stages: {name!r} is not in run.stages ({config.run.stages})")
         lines += ["", f"{variant}: run '{config.run.name}' in {config.run_dir}" +
                   ("" if config.run_dir.exists() else " (not created yet)")]
         known = data_dir is not None and model_path is not None

@@ -82,7 +82,7 @@ def check_inputs(config: PipelineConfig, data: BeirData, tokenizer, model_config
     """The config against the data and the model; raises :class:`InputError` on the first misfit."""
     for name in only or []:
         if name not in config.stage_names:
-            raise InputError(f"--stages: '{name}' is not in run.stages ({config.run.stages})")
+            raise InputError(f"--stages: {name!r} is not in run.stages ({config.run.stages})")
     stage_plan(config)  # the stages against what they need
     split = config.data.train_split
     queries, passages = len(data.judged_queries(split)), len(data.corpus)
@@ -138,7 +138,7 @@ def _check_splits(config: PipelineConfig, data: BeirData) -> None:
     shared = sorted(set(data.judged_queries(train)) & set(data.judged_queries(evaluated)))
     if shared:
         raise InputError(f"eval.split: {len(shared)} of its queries are also judged in the training split '{train}' "
-                         f"(first: '{shared[0]}'): its metrics would reward memorised queries")
+                         f"(first: {shared[0]!r}): its metrics would reward memorised queries")
 
 
 def _check_index(config: PipelineConfig, passages: int) -> None:

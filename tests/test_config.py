@@ -1,7 +1,9 @@
+import re
+
 import pytest
 
 from data.errors import InputError
-from pipeline.config import PipelineConfig, load_config, save_config, to_dict
+from pipeline.config import PipelineConfig, config_yaml, field_rows, fields_markdown, load_config, save_config, to_dict
 
 
 def test_defaults_yaml_and_overrides_compose(tmp_path):
@@ -34,6 +36,10 @@ def test_saved_config_loads_back_identically(tmp_path):
         (["model.pooling=max"], "model.pooling: expected one of mean, cls"),
         (["eval.index.kind=lsh"], "eval.index.kind: expected one of flat, hnsw, ivf"),
         (["eval.batch_size=0"], "eval.batch_size: must be >= 1"),
+        (["teacher.group_size=1"], "teacher.group_size: must be >= 2, got 1"),
+        (["posttrain.mlm_probability=1.5"], "posttrain.mlm_probability: must be > 0 and <= 1, got 1.5"),
+        (["run.stages=teacher,teacher"], "run.stages: stage 'teacher' is listed twice"),
+        (["eval.split=train"], "eval.split: 'train' is also data.train_split"),
         (["eval=3"], "eval: expected a mapping"),
         (["run.name"], "expected key.sub=value"),
         (["distill.train.lr=fast"], "distill.train.lr: expected float, got str"),
@@ -53,14 +59,38 @@ def test_bad_yaml_names_file_and_line(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_demo_config_file_shows_every_default_field():
+def test_demo_config_file_shows_every_default_field_with_what_it_accepts():
     from pathlib import Path
+
+    import yaml
 
     path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     assert load_config(path) == PipelineConfig()
-    import yaml
-
     assert yaml.safe_load(path.read_text()) == to_dict(PipelineConfig())
+    text = path.read_text()
+    header = "\n".join(line[2:] for line in text.splitlines() if line.startswith("# "))
+    assert text == config_yaml(header=header), "regenerate configs/demo.yaml with pipeline.config.config_yaml"
+    assert re.search(r"\n  batch_size: 16 +# >= 1\n", text)
+
+
+def test_help_and_the_readme_list_every_field_as_declared():
+    from pathlib import Path
+
+    import run_pipeline
+
+    rows = field_rows()
+    assert len(rows) == len(to_dict_leaves(to_dict(PipelineConfig())))
+    assert ("distill.train.lr", "float", "> 0", "0.0005") in rows
+    assert ("run.mixed_precision", "str", "one of no, fp16, bf16", "'no'") in rows
+    help_text = run_pipeline.build_parser().format_help()
+    assert all(key in help_text for key, *_ in rows)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert fields_markdown() in readme, "regenerate the README's table with pipeline.config.fields_markdown"
+
+
+def to_dict_leaves(tree, prefix=""):
+    return [leaf for key, value in tree.items()
+            for leaf in (to_dict_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key])]
 
 
 def test_exponent_without_a_dot_is_a_float(tmp_path):

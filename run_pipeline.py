@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -125,13 +126,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
         except KeyboardInterrupt as error:
-            print(error if isinstance(error, Interrupted) else Interrupted(), file=sys.stderr)
+            if evaluating:
+                print("interrupted; nothing was written", file=sys.stderr)
+            else:
+                print(error if isinstance(error, Interrupted) else Interrupted(), file=sys.stderr)
             return INTERRUPTED
         except Exception as error:  # a bug or a library's failure: one line here, the traceback in the log
             writes = not (evaluating or args.plan or args.check) and config is not None
             kept = keep_traceback(config.run_dir if writes else None)
-            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            print(f"error: {type(error).__name__}: {message} (the traceback is in {kept})", file=sys.stderr)
+            what = ": ".join([type(error).__name__, *str(error).strip().splitlines()[:1]])
+            print(f"error: {what} (the traceback is in {kept})", file=sys.stderr)
             return 2
     return 0
 
@@ -157,16 +161,16 @@ def _train(args: argparse.Namespace, config) -> None:
     from pipeline.run import run
 
     only = [name.strip() for name in args.stages.split(",")] if args.stages else None
-    variants = {name: (terms, args.variants) for name, terms in load_variants(args.variants).items()} if args.variants else {}
+    variants = load_variants(args.variants) if args.variants else {}
+    given_in = dict.fromkeys(variants, args.variants)
     if args.ablate:
         terms = [term.strip() for term in args.ablate.split(",")]
         name = "no-" + "-".join(terms)
         if name in variants:
             raise InputError(f"--ablate: its variant {name!r} is also in the variants file {args.variants}")
-        variants[name] = (terms, "--ablate")
-    for name, (terms, source) in variants.items():
-        check_variant(config, name, terms, source)  # before anything runs
-    variants = {name: terms for name, (terms, _) in variants.items()}
+        variants[name], given_in[name] = terms, "--ablate"
+    for name, terms in variants.items():
+        check_variant(config, name, terms, given_in[name])  # before anything runs
     if args.plan:
         from pipeline.plan import describe_plan
 
@@ -186,8 +190,6 @@ def _train(args: argparse.Namespace, config) -> None:
 
 
 def _evaluate(args: argparse.Namespace, config) -> None:
-    from pathlib import Path
-
     from pipeline.evaluate_model import default_output, evaluate_model
     from pipeline.io import write_json_atomic
     from pipeline.report import metrics_table
@@ -222,4 +224,7 @@ def configure_logging() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == INTERRUPTED:  # a further Ctrl-C while the interpreter shuts down ends it at once, silently
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(INTERRUPTED))
+    sys.exit(status)

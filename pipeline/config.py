@@ -23,7 +23,6 @@ from data.demo import DemoSpec
 from data.errors import InputError
 from data.fields import bounded, check_fields, choices, describe, file_name, listed, nonempty, one_of, walk
 from pipeline.evaluate import EvalConfig
-from pipeline.faiss_index import IndexConfig
 from pipeline.io import write_text_atomic
 from pipeline.stages.configs import (DistillConfig, PosttrainConfig, RefreshConfig, ScoresConfig, TeacherConfig,
                                      term_weights, warmup_config)

@@ -29,8 +29,8 @@ from data.errors import InputError
 from data.bm25 import BM25Index
 from data.negatives import mine_negatives
 from data.pseudo import add_pseudo_queries
-from pipeline.batches import check_divisible
 from pipeline import interrupt
+from pipeline.batches import check_divisible
 from pipeline.config import PipelineConfig, check_config, save_config
 from pipeline.distributed import any_true
 from pipeline.evaluate import bm25_search, evaluate_dense
@@ -169,7 +169,7 @@ def _log_file(path: Path, accelerator: Accelerator) -> Iterator[None]:
     if not accelerator.is_main_process:
         yield
         return
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(path, encoding="utf-8", delay=True)  # created with its first line
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     loggers = [logging.getLogger(package) for package in ("pipeline", "data", "models")]
     for logger in loggers:

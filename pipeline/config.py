@@ -107,6 +107,9 @@ def check_config(config: PipelineConfig) -> None:
         raise InputError(f"eval.split: '{config.eval.split}' is also data.train_split, whose queries the stages train "
                          "on, so its metrics would not show retrieval for new queries (hold out a dev split: "
                          "data.dev_queries=N eval.split=dev)")
+    if config.eval.rerank_depth > config.eval.top_k:
+        raise InputError(f"eval.rerank_depth: {config.eval.rerank_depth} is more than eval.top_k ({config.eval.top_k}), "
+                         "the candidates a re-ranker receives")
     posttrain = config.posttrain
     if "posttrain" in stages and not (posttrain.mlm or posttrain.simcse or posttrain.mirror):
         raise InputError("posttrain: every loss weight (mlm, simcse, mirror) is 0, so the stage would not train")

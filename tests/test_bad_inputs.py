@@ -199,6 +199,7 @@ CASES = {
     "override below a value": (plain("run.name.x=1"), "override 'run.name.x': 'run.name' is not a section"),
     "unparsable override value": (plain("run.name=["), "override 'run.name=[': invalid YAML value"),
     "no stage": (plain("run.stages="), "run.stages: no stage given"),
+    "re-ranking deeper than retrieved": (plain("eval.top_k=50"), "eval.rerank_depth: 100 is more than eval.top_k (50)"),
     "stage twice": (plain("run.stages=posttrain,posttrain"), "run.stages: stage 'posttrain' is listed twice"),
     "every distill term off": (plain(*OFF_ALL), "distill.weights: every term is 0, so the stage would not train"),
     "every posttrain term off": (plain("posttrain.mlm=0"), "posttrain: every loss weight (mlm, simcse, mirror) is 0"),

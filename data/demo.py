@@ -36,7 +36,7 @@ class DemoSpec:
     seed: int = bounded(13, ge=0)
     n_entities: int = bounded(240, ge=1)
     n_topics: int = bounded(6, ge=1)
-    concepts_per_topic: int = bounded(12, ge=2)  # and >= key_concepts
+    concepts_per_topic: int = bounded(12, ge=2, note="at least key_concepts")
     forms_per_concept: int = bounded(3, ge=2)
     n_fillers: int = bounded(40, ge=1)
     key_concepts: int = bounded(3, ge=2)  # a query names two of them
@@ -46,7 +46,7 @@ class DemoSpec:
     n_train_queries: int = bounded(800, ge=1)
     n_test_queries: int = bounded(200, ge=1)
     vocab_size: int = bounded(2000, ge=len(SPECIAL_TOKENS) + 1)
-    hidden_size: int = bounded(64, ge=1)  # a multiple of num_heads
+    hidden_size: int = bounded(64, ge=1, note="a multiple of num_heads")
     num_layers: int = bounded(2, ge=1)
     num_heads: int = bounded(2, ge=1)
     max_positions: int = bounded(128, ge=8)

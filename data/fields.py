@@ -21,10 +21,18 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
-def bounded(default, *, ge=None, gt=None, le=None, lt=None):
-    """A number field and its range (bounds included with ``ge``/``le``, excluded with ``gt``/``lt``)."""
+def bounded(default, *, ge=None, gt=None, le=None, lt=None, note: str = ""):
+    """A number field and its range (bounds included with ``ge``/``le``, excluded with ``gt``/``lt``).
+
+    ``note`` documents a limit that depends on other settings or on the data, checked elsewhere.
+    """
     bounds = {k: v for k, v in {"gt": gt, "ge": ge, "lt": lt, "le": le}.items() if v is not None}
-    return field(default=default, metadata={"bounds": bounds})
+    return field(default=default, metadata={"bounds": bounds, "note": note})
+
+
+def noted(default, note: str):
+    """A field whose limit depends on other settings or on the data (checked elsewhere), documented."""
+    return field(default=default, metadata={"note": note})
 
 
 def one_of(default: str, choices: Choices, label: str = ""):
@@ -37,9 +45,9 @@ def listed(default: str, choices: Choices, item: str):
     return field(default=default, metadata={"choices": choices, "listed": item})
 
 
-def file_name(default: str):
+def file_name(default: str, note: str = ""):
     """A non-empty name that is also a file or folder name: letters, digits, ``.``, ``_``, ``-``."""
-    return field(default=default, metadata={"name": True})
+    return field(default=default, metadata={"name": True, "note": note})
 
 
 def nonempty(default: str):
@@ -64,9 +72,15 @@ def describe(f: dataclasses.Field) -> str:
     ... class Example:
     ...     rate: float = bounded(0.1, gt=0, le=1)
     ...     kind: str = one_of("a", ("a", "b"))
+    ...     size: int = bounded(8, ge=1, note="at most the corpus size")
     >>> [describe(f) for f in dataclasses.fields(Example)]
-    ['> 0 and <= 1', 'one of a, b']
+    ['> 0 and <= 1', 'one of a, b', '>= 1; at most the corpus size']
     """
+    rule, note = _rule(f), f.metadata.get("note")
+    return "; ".join(part for part in (rule, note) if part)
+
+
+def _rule(f: dataclasses.Field) -> str:
     meta = f.metadata
     if "bounds" in meta:
         return " and ".join(f"{sign} {meta['bounds'][key]}" for key, sign in _BOUNDS if key in meta["bounds"])
@@ -89,7 +103,7 @@ def _problem(f: dataclasses.Field, value: Any) -> str | None:
             return f"must be a finite number, got {value}"
         within = {"gt": value > meta["bounds"].get("gt", -math.inf), "ge": value >= meta["bounds"].get("ge", -math.inf),
                   "lt": value < meta["bounds"].get("lt", math.inf), "le": value <= meta["bounds"].get("le", math.inf)}
-        return None if all(within.values()) else f"must be {describe(f)}, got {value}"
+        return None if all(within.values()) else f"must be {_rule(f)}, got {value}"
     if meta.get("listed"):
         items = [item.strip() for item in value.split(",") if item.strip()]
         allowed, kind = _choices(meta), meta["listed"]
@@ -104,7 +118,7 @@ def _problem(f: dataclasses.Field, value: Any) -> str | None:
         allowed = _choices(meta)
         return None if value in allowed else f"expected one of {', '.join(allowed)}, got {value!r}"
     if meta.get("name") and not _NAME.fullmatch(value):
-        return f"expected {describe(f)} (not starting with . or -), got {value!r}"
+        return f"expected {_rule(f)} (not starting with . or -), got {value!r}"
     if meta.get("nonempty") and not value.strip():
         return "must not be empty"
     return None

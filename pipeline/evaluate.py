@@ -34,12 +34,13 @@ PER_QUERY = "ndcg@10 per query"  # {query id: nDCG@10}, kept with each model's m
 class EvalConfig:
     """How a split is evaluated; ``top_k`` is the retrieval depth (Recall@1000 needs 1000)."""
 
-    split: str = file_name("test")  # not data.train_split
+    split: str = file_name("test", note="not data.train_split")
     query_max_len: int = bounded(32, ge=1)
     passage_max_len: int = bounded(64, ge=1)  # demo passages are under 30 tokens; raise it for real corpora
     batch_size: int = bounded(128, ge=1)
     top_k: int = bounded(1000, ge=1)
-    rerank_depth: int = bounded(100, ge=1)  # candidates per query that a re-ranker (ColBERT, cross-encoder) scores
+    # Candidates per query that a re-ranker (ColBERT, cross-encoder) scores.
+    rerank_depth: int = bounded(100, ge=1, note="at most top_k")
     index: IndexConfig = IndexConfig()
 
 

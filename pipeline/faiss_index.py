@@ -21,7 +21,8 @@ class IndexConfig:
     hnsw_m: int = bounded(32, ge=2)
     hnsw_ef_construction: int = bounded(200, ge=1)
     hnsw_ef_search: int = bounded(256, ge=1)
-    ivf_nlist: int = bounded(0, ge=0)  # 0: 4 * sqrt(corpus size), at most corpus size / 39; at most the corpus size
+    # 0: 4 * sqrt(corpus size), at most corpus size / 39 (FAISS wants 39 training points per list).
+    ivf_nlist: int = bounded(0, ge=0, note="at most the corpus size; 0 picks one")
     ivf_nprobe: int = bounded(32, ge=1)
 
 

@@ -44,7 +44,7 @@ class TrainConfig:
 
     epochs: int = bounded(1, ge=1)
     max_steps: int = bounded(0, ge=0)  # optimizer steps; 0: as many as the epochs give
-    grad_accum: int = bounded(1, ge=1)
+    grad_accum: int = bounded(1, ge=1, note="at most the batches of all epochs")
     lr: float = bounded(5e-5, gt=0)
     weight_decay: float = bounded(0.01, ge=0)
     warmup_ratio: float = bounded(0.1, ge=0, lt=1)

@@ -70,7 +70,7 @@ def test_demo_config_file_shows_every_default_field_with_what_it_accepts():
     text = path.read_text()
     header = "\n".join(line[2:] for line in text.splitlines() if line.startswith("# "))
     assert text == config_yaml(header=header), "regenerate configs/demo.yaml with pipeline.config.config_yaml"
-    assert re.search(r"\n  batch_size: 16 +# >= 1\n", text)
+    assert re.search(r"\n  batch_size: 16 +# >= 1; groups; at most the judged training queries\n", text)
 
 
 def test_help_and_the_readme_list_every_field_as_declared():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data.fields import bounded, one_of
+from data.fields import bounded, noted, one_of
 from pipeline.train import TrainConfig
 
 DISTILL_TERMS = ("ce", "col", "de", "kl_ce_col", "kl_col_de", "kl_ce_de", "attn", "dualreg")
@@ -17,8 +17,8 @@ class PosttrainConfig:
     """MLM on the corpus, optionally with SimCSE (dropout views) or Mirror-BERT (plus span masking)."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=5e-4))
-    batch_size: int = bounded(32, ge=1)  # passages; at most the corpus size
-    mlm: float = bounded(1.0, ge=0)  # mlm, simcse, mirror: at least one above 0
+    batch_size: int = bounded(32, ge=1, note="passages; at most the corpus size")
+    mlm: float = bounded(1.0, ge=0, note="mlm, simcse, mirror: not all 0")
     simcse: float = bounded(0.0, ge=0)
     mirror: float = bounded(0.0, ge=0)
     mlm_probability: float = bounded(0.15, gt=0, le=1)
@@ -32,8 +32,8 @@ class TeacherConfig:
     """Cross-encoder on (query, positive, BM25 negatives) groups with the listwise ``ce`` loss."""
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=1e-3, checkpoint_every=250))
-    batch_size: int = bounded(16, ge=1)  # groups; at most the number of training queries
-    group_size: int = bounded(4, ge=2)  # the positive and group_size - 1 negatives: 1 would leave nothing to rank
+    batch_size: int = bounded(16, ge=1, note="groups; at most the judged training queries")
+    group_size: int = bounded(4, ge=2, note="the positive and group_size - 1 negatives from the corpus")
     tau: float = bounded(1.0, gt=0)
 
 
@@ -61,9 +61,9 @@ class DistillConfig:
     """
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-4, checkpoint_every=100))
-    batch_size: int = bounded(8, ge=1)  # groups; at most the number of training queries
-    # 1 (no negative) only with de / dualreg in-batch alone: every other term ranks within the group.
-    group_size: int = bounded(4, ge=1)
+    batch_size: int = bounded(8, ge=1, note="groups; at most the judged training queries")
+    # Every term but de and dualreg in-batch ranks within the group, which needs a negative.
+    group_size: int = bounded(4, ge=1, note="1 only with de and dualreg alone, in_batch")
     weights: LossWeights = field(default_factory=LossWeights)
     in_batch: bool = True
     cross_device: bool = True  # with in_batch: the passages of every process are candidates (RocketQA)
@@ -79,7 +79,7 @@ class DistillConfig:
     kl_temperature_squared: bool = False
     freeze_teacher: bool = False
     colbert_dim: int = bounded(128, ge=1)
-    attn_layer: int = -1  # a layer of the cross-encoder, from 0; negative counts from the last
+    attn_layer: int = noted(-1, "a layer of the cross-encoder, -L to L - 1 (negative: from the last)")
     attn_heads: str = one_of("mean", ("mean", "max"))
     attn_pairs: str = one_of("positive", ("positive", "all"))
     # "cross_encoder": the teacher stage's model, run in the step; "scores": the frozen, cached
@@ -106,10 +106,10 @@ class ScoresConfig:
     KL terms would pull the student away from the labels.
     """
 
-    bm25: float = bounded(1.0, ge=0)  # bm25, dual_encoder, cross_encoder: at least one above 0
+    bm25: float = bounded(1.0, ge=0, note="bm25, dual_encoder, cross_encoder: not all 0")
     dual_encoder: float = bounded(1.0, ge=0)
     cross_encoder: float = bounded(0.0, ge=0)
-    passage_max_len: int = bounded(0, ge=0)
+    passage_max_len: int = bounded(0, ge=0, note="0: eval.passage_max_len")
     # Training lists only: labels overrule the teacher's order. A positive scored below a negative is
     # lifted to the best negative's score + ``positive_margin`` (negatives keep their scores).
     label_correction: bool = True

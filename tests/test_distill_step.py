@@ -6,6 +6,7 @@ gradient checkpointing."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from contextlib import nullcontext
 
@@ -441,3 +442,39 @@ def test_gradient_checkpointing_changes_nothing_but_memory(batch, mini_batch):
     assert units(checkpointed.dual_encoder) == [True, True]
     assert units(checkpointed.cross_encoder) == [True, False]  # the probed (last) layer keeps its activations
     assert_same_step(step_of(checkpointed, batch), step_of(cascade_of(stage), batch))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def train_chunked(batch, stage_dir, fail_at: int | None = None) -> Cascade:
+    """Two optimizer steps of two micro-batches on the chunked cascade, through the one training loop."""
+    from accelerate import Accelerator
+
+    from pipeline.train import TrainConfig, train
+
+    stage = dataclasses.replace(with_memory(stage_with(), mini_batch=MINI_BATCH),
+                                train=TrainConfig(epochs=2, grad_accum=2, checkpoint_every=1, log_every=1))
+    cascade, calls = cascade_of(stage), []
+
+    def step(model, micro_batch):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise Interrupt
+        return distill_terms(model(micro_batch), G, stage, cascade.weights)
+
+    active = {name: weight for name, weight in cascade.weights.items() if weight}
+    train(Accelerator(cpu=True), cascade, step, lambda epoch, index: batch, 2, active, stage.train, stage_dir)
+    return cascade
+
+
+def test_the_loop_trains_the_chunked_step_and_resumes_it_exactly(batch, tmp_path):
+    straight = train_chunked(batch, tmp_path / "straight")
+    with pytest.raises(Interrupt):
+        train_chunked(batch, tmp_path / "resumed", fail_at=4)  # in step 2, after the step-1 checkpoint
+    resumed = train_chunked(batch, tmp_path / "resumed")
+    log = [json.loads(line) for line in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r[t]) for r in log for t in ALL_ON)
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)

@@ -88,7 +88,8 @@ def _autocast_of(device_type: str) -> dict:
 
 
 def _add(totals: list, grads: Sequence) -> list:
-    return [t if g is None else g if t is None else t + g for t, g in zip(totals, grads)]
+    """``totals + grads`` in place: one buffer per parameter, which autograd then takes as its gradient."""
+    return [t if g is None else g if t is None else t.add_(g) for t, g in zip(totals, grads)]
 
 
 class _CachedEncode(torch.autograd.Function):

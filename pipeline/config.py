@@ -127,7 +127,8 @@ def _check_choices(config: PipelineConfig) -> None:
         if value < 1:
             raise InputError(f"{key}: must be >= 1, got {value}")
     weights = {f"scores.{k}": getattr(config.scores, k) for k in ("bm25", "dual_encoder", "cross_encoder")}
-    mini_batches = {f"{stage}.memory.mini_batch": getattr(config, stage).memory.mini_batch for stage in ("warmup", "distill")}
+    mini_batches = {f"{stage}.memory.mini_batch": getattr(config, stage).memory.mini_batch
+                    for stage in ("warmup", "distill")}
     for key, value in {"data.dev_queries": config.data.dev_queries, "data.pseudo_queries": config.data.pseudo_queries,
                        **mini_batches, **weights}.items():
         if value < 0:

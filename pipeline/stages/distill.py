@@ -190,7 +190,7 @@ class Cascade(nn.Module):
         return outputs[0], TokenOutput(outputs[1][:rows], token_mask(inputs["lengths"][:rows], width))
 
     def _teacher_loss(self, pairs: Inputs, Q: int, G: int) -> torch.Tensor:
-        """The ``ce`` term (the mean over queries of each group's listwise loss), forward and backward by group chunks."""
+        """The ``ce`` term (mean over queries of each group's listwise loss), forward and backward by group chunks."""
         ce = self.cross_encoder
 
         def group_loss(chunk: Inputs) -> torch.Tensor:
@@ -219,7 +219,7 @@ class Cascade(nn.Module):
 
 def distill_terms(out: CascadeOutput, group_size: int, stage: DistillConfig,
                   weights: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Every non-zero-weighted term of one batch, from the cascade's outputs (``ce`` needs ``ce_scores`` or ``ce_loss``)."""
+    """Every non-zero-weighted term of one batch, from the cascade's outputs (``ce``: ``ce_scores`` or ``ce_loss``)."""
     G, Q = group_size, out.q_reps.shape[0]
     group_labels = positive_labels(Q, G, in_batch=False, device=out.q_reps.device)  # (Q,) 0: positives lead
     # In-batch candidates: this process's passages, or every process's (RocketQA cross-batch

@@ -57,6 +57,7 @@ CACHED_GROWTH_TARGET = 1.5
 CACHED_32_TARGET_GB = 8.0
 DE_TIME_TARGET, DE_MEMORY_TARGET = 1.0, 1.1
 MACHINE_GB = 24
+SECTIONS = ("distill", "dual_encoder", "dualreg")
 
 
 # ---------------------------------------------------------------- child: one configuration, one process
@@ -327,7 +328,7 @@ def main() -> int:
     parser.add_argument("--de-steps", type=int, default=3, help="steps per dual-encoder measurement")
     parser.add_argument("--de-rounds", type=int, default=2, help="processes per side in the dual-encoder comparison")
     parser.add_argument("--dualreg-queries", type=int, default=8, help="batch of the DualReg variants")
-    parser.add_argument("--only", default="distill,dual_encoder,dualreg", help="comma-separated sections")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads in every child")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/memory_cpu.json (+ .png)")
     parser.add_argument("--child", choices=["distill", "project_de", "st_de"], help=argparse.SUPPRESS)
@@ -342,6 +343,8 @@ def main() -> int:
         return 0
 
     only = set(args.only.split(","))
+    if only - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(only - set(SECTIONS))}; choose from {SECTIONS}")
     entries = []
     if "distill" in only:
         entries += distill_entries(args)

@@ -7,7 +7,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench-demo bench-reference bench-quality bench-speed clean-venv
+.PHONY: demo test bench-demo bench-reference bench-quality bench-speed bench-memory clean-venv
 
 $(VENV)/.core: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-quality: $(VENV)/.bench
 # Speed against sentence-transformers: --config gpu on a CUDA machine (default there), cpu elsewhere.
 bench-speed: $(VENV)/.bench
 	$(PY) benchmarks/speed.py $(ARGS)
+
+# Peak memory of the distill step, plain against cached (distill.memory.mini_batch), one process per measurement.
+bench-memory: $(VENV)/.bench
+	$(PY) benchmarks/memory.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -98,6 +98,14 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return modules
 
 
+def checkpointing_unit(model: nn.Module, module: nn.Module) -> nn.Module | None:
+    """The layer that transformers checkpoints as one unit (a ``GradientCheckpointingLayer``) holding ``module``."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return next((unit for unit in model.modules() if isinstance(unit, GradientCheckpointingLayer)
+                 and any(sub is module for sub in unit.modules())), None)
+
+
 @dataclass
 class Recording:
     """Filled by ``AttentionProbe.record``: ``probs`` (B, H, T, T) of the chosen layer."""
@@ -109,9 +117,9 @@ class AttentionProbe:
     """Records the attention probabilities of one layer of a transformers encoder.
 
     ``layer`` indexes the hidden layers (negative from the end; default the last). The
-    probabilities keep their graph, so losses on them train the encoder. Not combinable with
-    gradient checkpointing, whose recomputation would run after ``record()`` has restored the
-    fused kernel.
+    probabilities keep their graph, so losses on them train the encoder. The probed layer must not
+    be gradient-checkpointed (its recomputation would run after ``record()`` has restored the fused
+    kernel); the other layers may be (``checkpointing_unit``).
 
     Usage::
 
@@ -129,6 +137,7 @@ class AttentionProbe:
         self.layer = layer % len(modules)
         self.module = modules[self.layer]
         self.output_index = getattr(model._can_record_outputs["attentions"], "index", 1)
+        self.unit = checkpointing_unit(model, self.module)
 
     @contextmanager
     def record(self) -> Iterator[Recording]:
@@ -138,8 +147,10 @@ class AttentionProbe:
             raise ValueError(
                 f"the probe reads SDPA or eager attention masks; the model uses {config._attn_implementation!r}"
             )
-        if getattr(self.model, "is_activation_checkpointing", False):
-            raise ValueError("the attention probe does not support gradient checkpointing")
+        checkpointed = (self.unit.gradient_checkpointing if self.unit is not None
+                        else getattr(self.model, "is_activation_checkpointing", False))
+        if checkpointed:
+            raise ValueError("the probed layer has gradient checkpointing on, which the probe does not support")
         recording = Recording()
 
         def keep(module, args, output):

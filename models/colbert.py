@@ -54,8 +54,16 @@ def content_tokens(last_hidden_state: torch.Tensor, lengths: torch.Tensor) -> tu
     """
     width = last_hidden_state.shape[1] - 2
     states = last_hidden_state[:, 1 : 1 + width]  # (B, L, H)
-    mask = torch.arange(width, device=lengths.device) < lengths.unsqueeze(-1)  # (B, L)
-    return states, mask.to(last_hidden_state.device)
+    return states, token_mask(lengths, width).to(last_hidden_state.device)
+
+
+def token_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) bool, True on the ``lengths[b]`` content tokens of row b.
+
+    >>> token_mask(torch.tensor([2, 0]), 3).tolist()
+    [[True, True, False], [False, False, False]]
+    """
+    return torch.arange(width, device=lengths.device) < lengths.unsqueeze(-1)  # (B, L)
 
 
 class ColBERT(nn.Module):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from models.attention_probe import AttentionProbe
+from models.attention_probe import AttentionProbe, attention_modules, checkpointing_unit
 from models.encoder import model_inputs
 
 
@@ -121,6 +121,17 @@ class CrossEncoder(nn.Module):
         with self._probe.record() as recording:
             logits = self.model(**inputs).logits  # (B, 1)
         return CrossEncoderOutput(scores=logits.squeeze(-1), attention=recording.probs)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute every layer in the backward pass instead of keeping its activations, but the probed one.
+
+        The probe swaps that layer's kernel only while ``forward(return_attention=True)`` runs, so
+        its recomputation in the backward pass would not replay the forward it checkpointed.
+        """
+        self.model.activation_checkpointing_enable()
+        probed = checkpointing_unit(self.model, attention_modules(self.model)[self.attention_layer])
+        if probed is not None:
+            probed.gradient_checkpointing = False
 
     @classmethod
     def from_pretrained(

@@ -129,6 +129,16 @@ class DualEncoder(nn.Module):
             reps = nn.functional.normalize(reps, dim=-1)
         return EncoderOutput(reps=reps, last_hidden_state=hidden)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each encoder layer in the backward pass instead of keeping its activations (every tower).
+
+        Dropout replays exactly (``torch.utils.checkpoint`` restores the RNG), so the gradients are
+        those of the plain forward.
+        """
+        for encoder in (self.query_encoder, self.passage_encoder):
+            if encoder is not None:
+                encoder.activation_checkpointing_enable()
+
     def encode_queries(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Query vectors (B, D), as evaluation and search need them."""
         return self(batch, side="query").reps

@@ -6,7 +6,7 @@ off (eval mode) so both runs compute the same function. The main process saves t
 processes, as the training loop logs it), each term, and every parameter's gradient after DDP's
 averaging.
 
-    python tests/distributed_step.py --data D --model M --out FILE [--no-cross-device]
+    python tests/distributed_step.py --data D --model M --out FILE [--no-cross-device] [--mini-batch N]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, default=4, help="global batch, in groups")
     parser.add_argument("--no-cross-device", action="store_true")
+    parser.add_argument("--mini-batch", type=int, default=0, help="distill.memory.mini_batch (0: the plain step)")
     args = parser.parse_args()
 
     from accelerate import Accelerator
@@ -42,7 +43,7 @@ def main() -> None:
     from pipeline.batches import GroupBatches, TokenizedText
     from pipeline.distributed import mean_over_processes
     from pipeline.evaluate import bm25_search
-    from pipeline.stages.configs import DistillConfig
+    from pipeline.stages.configs import DistillConfig, MemoryConfig
     from pipeline.stages.distill import Cascade, distill_terms
 
     accelerator = Accelerator(cpu=True)
@@ -60,7 +61,7 @@ def main() -> None:
     de = DualEncoder.from_pretrained(args.model)
     ce = CrossEncoder.from_pretrained(args.model, attention_layer=-1)
     col = ColBERT(de.hidden_size, 16)
-    stage = DistillConfig(cross_device=not args.no_cross_device)
+    stage = DistillConfig(cross_device=not args.no_cross_device, memory=MemoryConfig(mini_batch=args.mini_batch))
     weights = {name: 1.0 for name in vars(stage.weights)}
     model = accelerator.prepare(Cascade(de, col, ce, stage, weights))
     model.eval()  # no dropout: both runs compute the same function (gradients flow all the same)

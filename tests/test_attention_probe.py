@@ -156,3 +156,23 @@ def test_rejects_bad_layers_and_unsupported_backends():
     with pytest.raises(ValueError, match="checkpointing"):
         with AttentionProbe(sdpa, 0).record():
             pass
+
+
+def test_a_checkpointed_cross_encoder_keeps_its_probed_layer_and_its_gradients(batch):
+    from models.cross_encoder import CrossEncoder
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    grads = []
+    for checkpointing in (False, True):
+        ce = CrossEncoder(make_pair()[0], attention_layer=1).train()  # dropout on: checkpointing replays it
+        if checkpointing:
+            ce.enable_gradient_checkpointing()
+            units = [u.gradient_checkpointing for u in ce.modules() if isinstance(u, GradientCheckpointingLayer)]
+            assert units == [True, False, True]
+        torch.manual_seed(0)
+        out = ce(batch, return_attention=True)
+        (out.scores.sum() + out.attention.pow(2).sum()).backward()
+        grads.append({name: p.grad for name, p in ce.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)

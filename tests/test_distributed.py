@@ -76,6 +76,20 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, demo_dirs):
     assert local["logged"]["de"] < single["logged"]["de"] - 1e-3
 
 
+def test_the_chunked_step_under_one_and_two_processes_equals_the_plain_step(tmp_path, demo_dirs):
+    """Global batch of 6 groups of 3; ``mini_batch`` 4 divides none of 6 or 3 queries, 18 or 9 passages, or the
+    doubled rows: cross-device negatives through the cached vectors, DDP averaging the replayed gradients."""
+    plain = one_step(tmp_path, demo_dirs, 1, "--batch-size", "6")
+    for processes in (1, 2):
+        chunked = one_step(tmp_path, demo_dirs, processes, "--batch-size", "6", "--mini-batch", "4")
+        assert chunked["processes"] == processes
+        for name, value in plain["logged"].items():
+            assert chunked["logged"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+        assert chunked["grads"].keys() == plain["grads"].keys() and len(plain["grads"]) > 20
+        for name, grad in plain["grads"].items():
+            assert (chunked["grads"][name] - grad).norm() <= 1e-3 * grad.norm() + 1e-7, name
+
+
 def test_the_demo_pipeline_under_two_processes_evaluates_as_one_process_does(tmp_path):
     out = tmp_path / "runs"
     launch(ROOT / "run_pipeline.py", f"run.output_dir={out}", "run.name=ddp", *TINY)

@@ -52,6 +52,27 @@ class LossWeights:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """How a distillation step fits in memory; none of these changes its losses or gradients.
+
+    ``mini_batch`` > 0 caches gradients (GradCache, ``pipeline/grad_cache.py``): the student's
+    vectors and token vectors of the whole batch are computed without a graph, the losses on them,
+    then each chunk is encoded again with its graph (dropout replayed) and back-propagated. The
+    teacher runs in chunks too. Peak memory then follows ``mini_batch``, not ``batch_size``, at the
+    price of one more student forward. It counts texts per student forward and (query, passage)
+    pairs per teacher forward; a training teacher takes whole groups, ``max(1, mini_batch //
+    group_size)`` per forward. 0: one forward over the batch.
+
+    ``checkpoint_*`` recompute each encoder layer in the backward pass instead of keeping its
+    activations (the cross-encoder's probed attention layer excepted).
+    """
+
+    mini_batch: int = bounded(0, ge=0, note="0: off")
+    checkpoint_dual_encoder: bool = False
+    checkpoint_cross_encoder: bool = False
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Cascaded CE -> ColBERT -> DE distillation, trained jointly ("on the fly").
 
@@ -65,8 +86,12 @@ class DistillConfig:
     # Every term but de and dualreg in-batch ranks within the group, which needs a negative.
     group_size: int = bounded(4, ge=1, note="1 only with de and dualreg alone, in_batch")
     weights: LossWeights = field(default_factory=LossWeights)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     in_batch: bool = True
     cross_device: bool = True  # with in_batch: the passages of every process are candidates (RocketQA)
+    # DualReg's second dropout view without a graph: its gradient reaches view 1 only, for the
+    # activations and backward of one student forward less.
+    dualreg_one_sided: bool = False
     tau_de: float = bounded(0.05, gt=0)
     tau_col: float = bounded(1.0, gt=0)
     tau_ce: float = bounded(1.0, gt=0)

@@ -5,26 +5,36 @@ vectors ("self on-the-fly distillation"). ``Cascade.forward`` runs the models an
 outputs; ``distill_terms`` builds the loss terms from them with ``losses/``. A term whose weight is
 0 is not computed, and neither is the model work only it needs: no CE forward when no term uses the
 CE, no attention probabilities when ``attn`` is 0, no ColBERT when no term uses it, no second
-forward without ``dualreg``.
+dropout view without ``dualreg``.
+
+With ``memory.mini_batch`` the same outputs come from chunks (``pipeline/grad_cache.py``): the
+student's through gradient caching, a frozen teacher's under ``no_grad``, and a training
+teacher's ``ce`` term chunk by chunk of whole groups, forward and backward, since it is a sum over
+groups. Only the detached teacher scores and head-reduced attention blocks stay for the student
+terms. The training loop still calls backward once; the replay runs inside it.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from data.errors import InputError
 from losses import (attention_kl, candidate_scores, contrastive_loss, dualreg_loss, positive_labels, reduce_heads,
                     score_kl)
-from models.colbert import ColBERT, TokenOutput
+from models.colbert import ColBERT, TokenOutput, token_mask
 from models.cross_encoder import CrossEncoder, query_passage_attention
 from models.dual_encoder import DualEncoder
 from models.scoring import maxsim_paired
 from pipeline.batches import GroupBatch, GroupBatches
 from pipeline.distributed import gather_with_grad
+from pipeline.grad_cache import Inputs, cached_encode, chunked_loss, split_rows
 from pipeline.io import atomic_dir
 from pipeline.stages.common import (StageContext, colbert_scorer, cross_encoder_scorer, evaluate_dual_encoder, rerank,
                                     rerank_label)
@@ -55,9 +65,16 @@ class CascadeOutput:
     q_tokens: TokenOutput | None = None  # ColBERT query tokens (Q, Lq, dim), mask (Q, Lq)
     p_tokens: TokenOutput | None = None  # ColBERT passage tokens (Q * G, Lp, dim), mask (Q * G, Lp)
     ce_scores: torch.Tensor | None = None  # (Q, G) training CE scores (dropout, graph): the ``ce`` term
+    ce_loss: torch.Tensor | None = None  # the ``ce`` term itself, when the CE trained group chunk by chunk
     teacher_scores: torch.Tensor | None = None  # (Q, G) KL targets: eval-mode CE scores or cached scores
     teacher_mask: torch.Tensor | None = None  # (Q, G) bool, False where the cached teacher did not score
-    teacher_attention: torch.Tensor | None = None  # (Q * G, H, Lq, Lp) CE query x passage attention, eval mode
+    teacher_attention: torch.Tensor | None = None  # (Q * G, Lq, Lp) CE query x passage attention, eval mode,
+    # reduced over heads
+
+
+def repeat_rows(inputs: Inputs, times: int) -> Inputs:
+    """The batch ``times`` times over, stacked along the rows: DualReg's views in one forward."""
+    return {k: v.repeat(times, *[1] * (v.dim() - 1)) for k, v in inputs.items()} if times > 1 else inputs
 
 
 class Cascade(nn.Module):
@@ -66,7 +83,7 @@ class Cascade(nn.Module):
     ``forward(batch)`` runs every model the weights need, once per step as DDP requires, and
     returns a ``CascadeOutput``; ``distill_terms`` turns it into the loss terms. The CE trains
     exactly when ``weights["ce"]`` is non-zero (see ``term_weights``); otherwise it has no
-    gradients and scores in eval mode.
+    gradients and scores in eval mode. ``stage.memory`` sets chunking and gradient checkpointing.
     """
 
     def __init__(self, dual_encoder: DualEncoder, colbert: ColBERT | None, cross_encoder: CrossEncoder | None,
@@ -74,9 +91,14 @@ class Cascade(nn.Module):
         super().__init__()
         self.dual_encoder, self.colbert, self.cross_encoder = dual_encoder, colbert, cross_encoder
         self.stage, self.weights = stage, weights
+        self.mini_batch = stage.memory.mini_batch
         self.train_teacher = cross_encoder is not None and bool(weights["ce"])
         if cross_encoder is not None and not self.train_teacher:
             cross_encoder.requires_grad_(False)
+        if stage.memory.checkpoint_dual_encoder:
+            dual_encoder.enable_gradient_checkpointing()
+        if stage.memory.checkpoint_cross_encoder and self.train_teacher:
+            cross_encoder.enable_gradient_checkpointing()
 
     def train(self, mode: bool = True) -> "Cascade":
         super().train(mode)
@@ -87,37 +109,92 @@ class Cascade(nn.Module):
     def forward(self, batch: GroupBatch) -> CascadeOutput:
         G, weights = batch.group_size, self.weights
         use = needs(weights, self.stage.teacher)
-        de = self.dual_encoder
-        q_out, p_out = de(batch.queries, side="query"), de(batch.passages, side="passage")
-        out = CascadeOutput(q_out.reps, p_out.reps)
-        Q = out.q_reps.shape[0]
-        if use["col"]:
-            out.q_tokens = self.colbert(batch.queries, last_hidden_state=q_out.last_hidden_state)
-            out.p_tokens = self.colbert(batch.passages, last_hidden_state=p_out.last_hidden_state)
+        Q = len(batch.queries["input_ids"])
+        # DualReg's two dropout views in one forward over a doubled batch, unless view 2 has no graph
+        views = 2 if weights["dualreg"] and not self.stage.dualreg_one_sided else 1
+        q_reps, q_tokens = self._student(batch.queries, "query", views, use["col"])  # (views * Q, D)
+        p_reps, p_tokens = self._student(batch.passages, "passage", views, use["col"])  # (views * Q * G, D)
+        out = CascadeOutput(q_reps[:Q], p_reps[: Q * G], q_tokens=q_tokens, p_tokens=p_tokens)
+        if views == 2:
+            out.q_reps_2, out.p_reps_2 = q_reps[Q:], p_reps[Q * G :]
+        elif weights["dualreg"]:
+            with torch.no_grad():
+                out.q_reps_2 = self._student(batch.queries, "query", 1, False)[0]  # (Q, D)
+                out.p_reps_2 = self._student(batch.passages, "passage", 1, False)[0]  # (Q * G, D)
         if use["ce"]:
-            ce = self.cross_encoder
-            if self.train_teacher:
-                out.ce_scores = ce(batch.pairs).scores.view(Q, G)  # (Q, G)
+            if self.train_teacher and self.mini_batch:
+                out.ce_loss = self._teacher_loss(batch.pairs, Q, G)
+            elif self.train_teacher:
+                out.ce_scores = self.cross_encoder(batch.pairs).scores.view(Q, G)  # (Q, G)
             if any(weights[t] for t in TEACHER_TARGETS):
                 # Targets without dropout: a training CE's own scores would carry its dropout noise.
-                with torch.no_grad(), eval_mode(ce):
-                    teacher = ce(batch.pairs, return_attention=bool(weights["attn"]))
-                out.teacher_scores = teacher.scores.view(Q, G)  # (Q, G)
-                if weights["attn"]:
-                    out.teacher_attention = query_passage_attention(
-                        teacher.attention, batch.pairs["query_lengths"], batch.pairs["passage_lengths"],
-                        out.q_tokens.tokens.shape[1], out.p_tokens.tokens.shape[1]).attention  # (Q * G, H, Lq, Lp)
+                out.teacher_scores, out.teacher_attention = self._teacher_targets(
+                    batch.pairs, G, batch.queries["input_ids"].shape[1] - 2, batch.passages["input_ids"].shape[1] - 2)
         if use["cached"]:  # a frozen teacher's scores, read with the batch; NaN: a candidate it did not score
             out.teacher_mask = torch.isfinite(batch.teacher_scores)  # (Q, G)
             out.teacher_scores = batch.teacher_scores.nan_to_num(0.0)  # (Q, G)
-        if weights["dualreg"]:
-            out.q_reps_2, out.p_reps_2 = de(batch.queries, side="query").reps, de(batch.passages, side="passage").reps
         return out
+
+    def _student(self, inputs: Inputs, side: str, views: int,
+                 with_tokens: bool) -> tuple[torch.Tensor, TokenOutput | None]:
+        """Dual-encoder vectors (views * B, D) of ``views`` dropout views of the B rows, and view 1's ColBERT tokens.
+
+        One encoder pass per row gives both; the token vectors of views 2.. are a projection
+        computed and dropped. Plain: one forward over the views. Chunked: gradient caching when
+        grad is on, chunks under ``no_grad`` otherwise.
+        """
+        rows, width = len(inputs["input_ids"]), inputs["input_ids"].shape[1] - 2  # ColBERT's L: no [CLS], [SEP]
+        inputs = repeat_rows(inputs, views)
+
+        def encode(chunk: Inputs) -> tuple[torch.Tensor, ...]:
+            out = self.dual_encoder(chunk, side=side)
+            if not with_tokens:
+                return (out.reps,)  # (b, D)
+            tokens = self.colbert(chunk, last_hidden_state=out.last_hidden_state).tokens  # (b, l, dim), l <= L
+            return out.reps, F.pad(tokens, (0, 0, 0, width - tokens.shape[1]))  # (b, D), (b, L, dim)
+
+        if not self.mini_batch:
+            outputs = encode(inputs)
+        elif torch.is_grad_enabled():
+            params = chain(self.dual_encoder.parameters(), self.colbert.parameters() if with_tokens else ())
+            outputs = cached_encode(encode, split_rows(inputs, self.mini_batch), list(params))
+        else:
+            outputs = [torch.cat(parts) for parts in zip(*map(encode, split_rows(inputs, self.mini_batch)))]
+        if not with_tokens:
+            return outputs[0], None
+        return outputs[0], TokenOutput(outputs[1][:rows], token_mask(inputs["lengths"][:rows], width))
+
+    def _teacher_loss(self, pairs: Inputs, Q: int, G: int) -> torch.Tensor:
+        """The ``ce`` term (mean over queries of each group's listwise loss), forward and backward by group chunks."""
+        ce = self.cross_encoder
+
+        def group_loss(chunk: Inputs) -> torch.Tensor:
+            scores = ce(chunk).scores.view(-1, G)  # (n, G), n groups
+            labels = positive_labels(len(scores), G, in_batch=False, device=scores.device)  # (n,)
+            return contrastive_loss(scores, labels, self.stage.tau_ce) * len(scores) / Q
+
+        groups = max(1, self.mini_batch // G)
+        return chunked_loss(group_loss, split_rows(pairs, groups * G), list(ce.parameters()))
+
+    @torch.no_grad()
+    def _teacher_targets(self, pairs: Inputs, G: int, Lq: int, Lp: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eval-mode CE scores (Q, G) and, with ``attn``, the head-reduced attention blocks (Q * G, Lq, Lp)."""
+        attn = bool(self.weights["attn"])
+        scores, blocks = [], []
+        with eval_mode(self.cross_encoder):
+            for chunk in split_rows(pairs, self.mini_batch or len(pairs["input_ids"])):
+                teacher = self.cross_encoder(chunk, return_attention=attn)
+                scores.append(teacher.scores)  # (n,)
+                if attn:
+                    block = query_passage_attention(teacher.attention, chunk["query_lengths"],
+                                                    chunk["passage_lengths"], Lq, Lp).attention  # (n, H, Lq, Lp)
+                    blocks.append(reduce_heads(block, self.stage.attn_heads))  # (n, Lq, Lp)
+        return torch.cat(scores).view(-1, G), torch.cat(blocks) if attn else None  # (Q, G), (Q * G, Lq, Lp)
 
 
 def distill_terms(out: CascadeOutput, group_size: int, stage: DistillConfig,
                   weights: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Every non-zero-weighted term of one batch, from the cascade's outputs (``ce`` needs ``ce_scores``)."""
+    """Every non-zero-weighted term of one batch, from the cascade's outputs (``ce``: ``ce_scores`` or ``ce_loss``)."""
     G, Q = group_size, out.q_reps.shape[0]
     group_labels = positive_labels(Q, G, in_batch=False, device=out.q_reps.device)  # (Q,) 0: positives lead
     # In-batch candidates: this process's passages, or every process's (RocketQA cross-batch
@@ -139,7 +216,8 @@ def distill_terms(out: CascadeOutput, group_size: int, stage: DistillConfig,
     if weights["col"]:
         terms["col"] = contrastive_loss(col_group, group_labels, stage.tau_col)
     if weights["ce"]:
-        terms["ce"] = contrastive_loss(out.ce_scores, group_labels, stage.tau_ce)
+        terms["ce"] = out.ce_loss if out.ce_loss is not None else contrastive_loss(out.ce_scores, group_labels,
+                                                                                     stage.tau_ce)
     kl = dict(scale_by_temperature=stage.kl_temperature_squared)
     if weights["kl_ce_col"]:
         terms["kl_ce_col"] = score_kl(out.teacher_scores, col_group, stage.tau_ce, stage.tau_col,
@@ -150,10 +228,10 @@ def distill_terms(out: CascadeOutput, group_size: int, stage: DistillConfig,
         terms["kl_ce_de"] = score_kl(out.teacher_scores, de_group, stage.tau_ce, stage.tau_de,
                                      mask=out.teacher_mask, **kl)
     if weights["attn"]:
-        teacher = reduce_heads(out.teacher_attention, stage.attn_heads)  # (Q * G, Lq, Lp)
-        positives = torch.arange(Q * G, device=teacher.device) % G == 0  # (Q * G,)
+        positives = torch.arange(Q * G, device=q_rep.device) % G == 0  # (Q * G,)
         pair_mask = positives if stage.attn_pairs == "positive" else None
-        terms["attn"] = attention_kl(teacher, q_rep, q_rep_mask, p_tok, p_mask, stage.tau_attn, pair_mask)
+        terms["attn"] = attention_kl(out.teacher_attention, q_rep, q_rep_mask, p_tok, p_mask, stage.tau_attn,
+                                     pair_mask)
     if weights["dualreg"]:
         terms["dualreg"] = dualreg_loss(out.q_reps, out.q_reps_2, passages, across(out.p_reps_2)[0], G,
                                         stage.tau_de, stage.in_batch)
@@ -182,6 +260,10 @@ def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, 
     if use["ce"]:
         ce = CrossEncoder.from_pretrained(ctx.inputs["cross_encoder"], attention_layer=stage.attn_layer,
                                           trust_remote_code=trust)
+    if stage.memory.mini_batch and weights["ce"] and ctx.config.run.mixed_precision == "fp16":
+        raise InputError(f"{ctx.stage_dir.name}: memory.mini_batch with a teacher trained on the fly computes the "
+                         "teacher's gradients chunk by chunk, outside fp16's loss scaling: use run.mixed_precision "
+                         "bf16 or no, or freeze the teacher")
     cascade = Cascade(de, col, ce, stage, weights)
     active = {k: v for k, v in weights.items() if v}
     teacher_scores = read_teacher_scores(ctx.inputs["teacher_scores"]) if use["cached"] else None

@@ -79,7 +79,7 @@ RECIPE = "recipe"
 CONTRASTIVE = "contrastive-only"
 RECIPE_FILE = ROOT / "configs" / "recommended.yaml"
 SETTINGS = {
-    # 2 CPU cores: the student reads 128 tokens of each passage, the teacher 256; one epoch.
+    # 2 CPU cores: the student reads 128 tokens of each passage, the teacher 256; the recipe's epochs (3).
     "cpu": Setting(
         overrides=COMMON + ("eval.passage_max_len=126", "eval.batch_size=64"),
         experiments=(Experiment(RECIPE), Experiment(CONTRASTIVE, ablate=tuple(ALL_BUT_DE))),

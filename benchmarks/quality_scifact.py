@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         "dev_split": f"data.dev_queries={DEV_QUERIES}: the first {DEV_QUERIES} judged SciFact train queries by "
                      "sha256('dev:' + query id), held out of training",
         "recipe_file": str(RECIPE_FILE.relative_to(ROOT)),
-        "overrides": [f"run.output_dir={args.work_dir}", *base[3:]],  # as given: no machine paths
+        # No machine paths: a run folder given as an absolute path is recorded by its name only.
+        "overrides": [f"run.output_dir={Path(args.work_dir).name if Path(args.work_dir).is_absolute() else args.work_dir}",
+                      *base[3:]],
         "experiments": {e.name: {"overrides": list(e.overrides), "ablate": list(e.ablate)} for e in chosen},
         "seconds": {**seconds, "total": round(time.perf_counter() - started, 1)},
         "seconds_note": "wall time of each part in this invocation; stages an earlier invocation finished in the "

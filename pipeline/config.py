@@ -24,8 +24,8 @@ from data.errors import InputError
 from data.fields import bounded, check_fields, choices, describe, file_name, listed, nonempty, one_of, walk
 from pipeline.evaluate import EvalConfig
 from pipeline.io import write_text_atomic
-from pipeline.stages.configs import (DistillConfig, PosttrainConfig, RefreshConfig, ScoresConfig, TeacherConfig,
-                                     term_weights, warmup_config)
+from pipeline.stages.configs import (SCORE_COMPONENTS, DistillConfig, PosttrainConfig, RefreshConfig, ScoresConfig,
+                                     TeacherConfig, term_weights, warmup_config)
 
 DEMO = "demo"
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -113,9 +113,8 @@ def check_config(config: PipelineConfig) -> None:
     posttrain = config.posttrain
     if "posttrain" in stages and not (posttrain.mlm or posttrain.simcse or posttrain.mirror):
         raise InputError("posttrain: every loss weight (mlm, simcse, mirror) is 0, so the stage would not train")
-    weights = {k: getattr(config.scores, k) for k in ("bm25", "dual_encoder", "cross_encoder")}
-    if "scores" in stages and not any(weights.values()):
-        raise InputError("scores: every component weight (bm25, dual_encoder, cross_encoder) is 0")
+    if "scores" in stages and not any(getattr(config.scores, k) for k in SCORE_COMPONENTS):
+        raise InputError(f"scores: every component weight ({', '.join(SCORE_COMPONENTS)}) is 0")
     for stage in ("warmup", "distill"):
         if stage in stages:
             check_distill(stage, getattr(config, stage))

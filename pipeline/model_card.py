@@ -364,14 +364,14 @@ def _terms(name: str, section) -> str:
     >>> _terms("warmup", DistillConfig())
     'ce 1, col 1, de 1, kl_ce_col 1, kl_col_de 1, kl_ce_de 1, attn 1, dualreg 1; tau_de 0.05, tau_col 1, tau_ce 1, tau_attn 1'
     """
-    from pipeline.stages.configs import POSTTRAIN_TERMS
+    from pipeline.stages.configs import POSTTRAIN_TERMS, SCORE_COMPONENTS
 
     if name == "posttrain":
         return ", ".join(f"{t} {getattr(section, t):g}" for t in POSTTRAIN_TERMS if getattr(section, t))
     if name == "teacher":
         return f"ce 1; tau {section.tau:g}"
     if name == "scores":
-        return "fusion: " + ", ".join(f"{k.replace('_', '-')} {getattr(section, k):g}" for k in ("bm25", "dual_encoder", "cross_encoder")
+        return "fusion: " + ", ".join(f"{k.replace('_', '-')} {getattr(section, k):g}" for k in SCORE_COMPONENTS
                                       if getattr(section, k))
     if name in ("warmup", "distill"):
         from pipeline.stages.distill import term_weights

@@ -114,7 +114,8 @@ def _plain(obj):
 def stage_plan(config: PipelineConfig) -> list[tuple[str, dict[str, str]]]:
     """Each stage with the upstream stages it reads, by role: ``{"encoder": "posttrain", ...}``.
 
-    Roles: ``encoder`` (the post-trained encoder), ``dual_encoder`` (the latest trained one),
+    Roles: ``encoder`` (the post-trained encoder), ``dual_encoder`` (the latest trained one; for
+    ``scores`` only when ``scores.trained_dual_encoder`` is on),
     ``cross_encoder`` (the latest trained one) and ``negatives`` (the latest refresh, else BM25).
     """
     plan, seen = [], []
@@ -123,6 +124,9 @@ def stage_plan(config: PipelineConfig) -> list[tuple[str, dict[str, str]]]:
         roles: dict[str, str | None] = {"encoder": latest("posttrain"), "negatives": latest("refresh")}
         if name in ("warmup", "distill", "refresh"):
             roles["dual_encoder"] = latest("warmup", "distill", "posttrain")
+        if name == "scores" and config.scores.trained_dual_encoder:
+            roles["dual_encoder"] = _required(latest("warmup", "distill"), "warmup' or 'distill", name,
+                                              "scores.trained_dual_encoder is not 0")
         if name == "scores" and config.scores.cross_encoder:
             roles["cross_encoder"] = _required(latest("teacher"), "teacher", name, "scores.cross_encoder is not 0")
         if name in ("warmup", "distill"):

@@ -123,3 +123,43 @@ def test_a_refresh_between_the_cached_teacher_and_its_reader_is_refused(tmp_path
     assert "teacher_scores" in dict(stage_plan(tiny_config(tmp_path, "run.stages=refresh,scores,distill", *CACHED[1:])))["distill"]
     with pytest.raises(InputError, match="every component weight"):
         tiny_config(tmp_path, *CACHED, "scores.bm25=0", "scores.dual_encoder=0")
+
+
+WARMED = ["run.stages=warmup,scores,distill", "warmup.weights.ce=0", "warmup.weights.kl_ce_de=0",
+          "warmup.weights.dualreg=0", "warmup.train.max_steps=3", "warmup.train.lr=1e-3", "scores.bm25=0",
+          "scores.dual_encoder=0", "scores.trained_dual_encoder=1", "scores.label_correction=false",
+          *CACHED[1:], "distill.train.max_steps=1"]
+
+
+def test_the_teacher_can_fuse_the_dual_encoder_an_earlier_stage_trained(tmp_path):
+    from data.collate import SpecialTokens, tokenize
+    from models.dual_encoder import DualEncoder
+    from pipeline.evaluate import encode
+    from transformers import AutoTokenizer
+
+    with pytest.raises(InputError, match="'warmup' or 'distill' stage must come before 'scores'"):
+        stage_plan(tiny_config(tmp_path, *CACHED, "scores.trained_dual_encoder=1"))
+    config = tiny_config(tmp_path, *WARMED)
+    plan = dict(stage_plan(config))
+    assert plan["scores"]["dual_encoder"] == "warmup" and plan["distill"]["dual_encoder"] == "warmup"
+    results = run(config)
+    assert next(iter(results["scores"])).startswith("teacher (trained-dual-encoder 1)")
+    scores = read_teacher_scores(stage_dir(config, "scores") / "final" / "teacher_scores.jsonl")
+
+    # The written scores are the z-scored dot products of the warmup's model, not the starting encoder's.
+    folder = stage_dir(config, "warmup") / "final" / "dual_encoder"
+    model, tokenizer = DualEncoder.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    data = load_data(config, config.run_dir.parent / "demo_assets" / "data")
+    row = {d: i for i, d in enumerate(data.corpus["_id"])}
+    texts, special = data.passage_texts(), SpecialTokens.from_tokenizer(tokenizer)
+    for qid in list(scores)[:3]:
+        docs = list(scores[qid])
+        q = encode(model.encode_queries, tokenize(tokenizer, data.query_texts([qid]), config.eval.query_max_len),
+                   special, 8)
+        p = encode(model.encode_passages, tokenize(tokenizer, [texts[row[d]] for d in docs],
+                                                   config.eval.passage_max_len), special, 8)
+        np.testing.assert_allclose([scores[qid][d] for d in docs], zscore(p @ q[0]), atol=2e-4)
+
+    # A warmup trained with another seed is another teacher: the scores stage is not shared.
+    run(tiny_config(tmp_path, *WARMED, "run.seed=2"))
+    assert len(list(config.run_dir.glob("scores-*"))) == 2

@@ -118,21 +118,26 @@ def warmup_config() -> DistillConfig:
     return DistillConfig(weights=LossWeights(**off))
 
 
+SCORE_COMPONENTS = ("bm25", "dual_encoder", "trained_dual_encoder", "cross_encoder")  # ScoresConfig's weights
+
+
 @dataclass(frozen=True)
 class ScoresConfig:
     """A frozen teacher scored once: every training query against its candidates, cached for ``distill``.
 
     Candidates are the query's positives and mined negatives. Each component's scores are
     z-normalised over the query's candidate list and summed with these weights (hybrid lexical +
-    neural ranking); ``dual_encoder`` is the starting encoder (after ``posttrain`` if it ran) and
-    ``cross_encoder`` the ``teacher`` stage's model. ``passage_max_len`` (0: ``eval.passage_max_len``)
+    neural ranking); ``dual_encoder`` is the starting encoder (after ``posttrain`` if it ran),
+    ``trained_dual_encoder`` the dual-encoder of the last ``warmup`` or ``distill`` stage before this
+    one, and ``cross_encoder`` the ``teacher`` stage's model. ``passage_max_len`` (0: ``eval.passage_max_len``)
     lets the teacher read more of each passage than the student does. On SciFact train the fused
     teacher puts a negative above the positive for 44% of the queries: without the correction its
     KL terms would pull the student away from the labels.
     """
 
-    bm25: float = bounded(1.0, ge=0, note="bm25, dual_encoder, cross_encoder: not all 0")
+    bm25: float = bounded(1.0, ge=0, note="bm25, dual_encoder, trained_dual_encoder, cross_encoder: not all 0")
     dual_encoder: float = bounded(1.0, ge=0)
+    trained_dual_encoder: float = bounded(0.0, ge=0, note="needs a warmup or distill stage before scores")
     cross_encoder: float = bounded(0.0, ge=0)
     passage_max_len: int = bounded(0, ge=0, note="0: eval.passage_max_len")
     # Training lists only: labels overrule the teacher's order. A positive scored below a negative is

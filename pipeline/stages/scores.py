@@ -1,7 +1,7 @@
 """``scores``: a frozen teacher, scored once, whose scores the distillation stages read.
 
-The teacher is a hybrid ranker: BM25, the starting dual-encoder and (optionally) the trained
-cross-encoder, each z-normalised over a query's candidate list and summed with weights. On
+The teacher is a hybrid ranker: BM25, the starting dual-encoder and (optionally) a dual-encoder an
+earlier ``warmup`` or ``distill`` stage trained and the trained cross-encoder, each z-normalised over a query's candidate list and summed with weights. On
 SciFact-like data no single small model is a better teacher than the student, but lexical and
 neural scores fused often are (hybrid retrieval). Scoring once (as Margin-MSE, TAS-B, GPL and
 ColBERTv2 do) also takes the teacher's forward out of every training step.
@@ -22,10 +22,9 @@ from pipeline.evaluate import encode
 from pipeline.io import atomic_dir, read_jsonl, write_jsonl_atomic
 from pipeline.metrics import Ranking
 from pipeline.stages.common import StageContext, cross_encoder_scorer, ranking_metrics, rerank_label
-from pipeline.stages.configs import ScoresConfig
+from pipeline.stages.configs import SCORE_COMPONENTS, ScoresConfig
 
 TEACHER_SCORES_FILE = "teacher_scores.jsonl"
-COMPONENTS = ("bm25", "dual_encoder", "cross_encoder")
 
 
 def zscore(scores: np.ndarray) -> np.ndarray:
@@ -71,16 +70,19 @@ class HybridTeacher:
     """Scores (query, candidates) lists with every component whose weight is non-zero, then fuses them."""
 
     def __init__(self, ctx: StageContext, stage: ScoresConfig):
-        self.ctx, self.weights = ctx, {name: getattr(stage, name) for name in COMPONENTS}
+        self.ctx, self.weights = ctx, {name: getattr(stage, name) for name in SCORE_COMPONENTS}
         self.passage_max_len = stage.passage_max_len or ctx.config.eval.passage_max_len
         self.row = {doc: i for i, doc in enumerate(ctx.data.corpus["_id"])}
         trust = ctx.config.model.trust_remote_code
-        self.dual_encoder = self.cross_encoder = None
-        self.passage_vectors: dict[str, np.ndarray] = {}  # encoded once for training and evaluation lists
-        if self.weights["dual_encoder"]:
-            self.dual_encoder = DualEncoder.from_pretrained(ctx.inputs["encoder"], pooling=ctx.config.model.pooling,
-                                                            normalize=ctx.config.model.normalize,
-                                                            trust_remote_code=trust).to(ctx.device).eval()
+        self.cross_encoder = None
+        # component -> model: the starting encoder, and the dual-encoder an earlier stage trained
+        self.dual_encoders = {name: DualEncoder.from_pretrained(ctx.inputs[role], pooling=ctx.config.model.pooling,
+                                                                normalize=ctx.config.model.normalize,
+                                                                trust_remote_code=trust).to(ctx.device).eval()
+                              for name, role in (("dual_encoder", "encoder"), ("trained_dual_encoder", "dual_encoder"))
+                              if self.weights[name]}
+        # component -> passage id -> vector: encoded once for the training and the evaluation lists
+        self.passage_vectors: dict[str, dict[str, np.ndarray]] = {name: {} for name in self.dual_encoders}
         if self.weights["cross_encoder"]:
             self.cross_encoder = CrossEncoder.from_pretrained(ctx.inputs["cross_encoder"],
                                                               trust_remote_code=trust).to(ctx.device).eval()
@@ -105,18 +107,19 @@ class HybridTeacher:
             for part in gather_objects(local) if size > 1 else [local]:
                 for q, s in part.items():
                     parts[q]["bm25"] = s
-        if self.dual_encoder is not None:
-            new = sorted({d for docs in lists.values() for d in docs} - set(self.passage_vectors))
+        for name, model in self.dual_encoders.items():
+            vectors = self.passage_vectors[name]
+            new = sorted({d for docs in lists.values() for d in docs} - set(vectors))
             with ctx.accelerator.autocast():
                 if new:
-                    p_reps = encode(self.dual_encoder.encode_passages, self.passage_ids(new), ctx.special,
-                                    ctx.config.eval.batch_size, ctx.device, "teacher: encode passages")
-                    self.passage_vectors.update(zip(new, p_reps))
-                q_reps = encode(self.dual_encoder.encode_queries, [ctx.text.queries[q] for q in lists], ctx.special,
+                    p_reps = encode(model.encode_passages, self.passage_ids(new), ctx.special,
+                                    ctx.config.eval.batch_size, ctx.device, f"teacher: encode passages ({name})")
+                    vectors.update(zip(new, p_reps))
+                q_reps = encode(model.encode_queries, [ctx.text.queries[q] for q in lists], ctx.special,
                                 ctx.config.eval.batch_size, ctx.device)
             for i, q in enumerate(lists):
-                p_reps = np.stack([self.passage_vectors[d] for d in lists[q]])  # (len(list), D)
-                parts[q]["dual_encoder"] = p_reps @ q_reps[i]  # (len(list),)
+                p_reps = np.stack([vectors[d] for d in lists[q]])  # (len(list), D)
+                parts[q][name] = p_reps @ q_reps[i]  # (len(list),)
         if self.cross_encoder is not None:
             score_pairs = cross_encoder_scorer(ctx, self.cross_encoder)
             local = {}

@@ -25,6 +25,7 @@ more epochs, bf16; one command on a CUDA machine, not run yet). Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -105,6 +107,12 @@ SETTINGS = {
                  "recipe nDCG@10 (mean over seeds)": ("recipe_ndcg@10_mean", ">=", 0.72)},
     ),
 }
+
+
+def recorded_path(path: Path) -> str:
+    """``path`` relative to the repository, or by its name alone: results hold no machine paths."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
 
 
 def machine() -> dict:
@@ -180,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None,
                         help="results JSON (default benchmarks/results/quality_scifact_<config>[_dev].json)")
     parser.add_argument("--only", default="", help="comma-separated experiment names to run (default: all)")
+    parser.add_argument("--recipe-file", type=Path, default=RECIPE_FILE,
+                        help="the recipe both experiments start from (the contrastive-only one with its teacher "
+                             "terms switched off); default configs/recommended.yaml")
+    parser.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for the recipe only (repeatable): a recipe variant is compared with the "
+                             "same contrastive-only baseline, which a run folder that holds it does not retrain")
     parser.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every experiment")
     args = parser.parse_args(argv)
     if not (DATA / "corpus.jsonl").exists():
@@ -202,13 +216,15 @@ def main(argv: list[str] | None = None) -> int:
             f"run.output_dir={ROOT / args.work_dir}", f"run.name=quality_scifact_{name}", f"eval.split={args.split}",
             *setting.overrides, *args.overrides)
     chosen = [e for e in setting.experiments if not args.only or e.name in args.only.split(",")]
+    chosen = [dataclasses.replace(e, overrides=(*e.overrides, *args.recipe_set)) if e.name == RECIPE else e
+              for e in chosen]
 
     started, code = time.perf_counter(), code_version()  # the code that produced the rows, taken before they run
     rows, seconds, by_experiment, teacher = [], {}, {e.name: {} for e in chosen}, None
     for seed in seeds:
         for experiment in chosen:
             begun = time.perf_counter()
-            config = ablated(load_config(RECIPE_FILE, [*base, f"run.seed={seed}", *experiment.overrides]),
+            config = ablated(load_config(args.recipe_file, [*base, f"run.seed={seed}", *experiment.overrides]),
                              list(experiment.ablate))
             results = run(config, variant=f"{experiment.name}-seed{seed}")
             seconds[f"{experiment.name} seed {seed}"] = round(time.perf_counter() - begun, 1)
@@ -241,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                      "hash covers this code (the stage hash includes a digest of data/, models/, losses/, pipeline/)",
         "dev_split": f"data.dev_queries={DEV_QUERIES}: the first {DEV_QUERIES} judged SciFact train queries by "
                      "sha256('dev:' + query id), held out of training",
-        "recipe_file": str(RECIPE_FILE.relative_to(ROOT)),
+        "recipe_file": recorded_path(args.recipe_file),
+        "recipe": yaml.safe_load(args.recipe_file.read_text()),
         # No machine paths: a run folder given as an absolute path is recorded by its name only.
         "overrides": [f"run.output_dir={Path(args.work_dir).name if Path(args.work_dir).is_absolute() else args.work_dir}",
                       *base[3:]],

@@ -32,8 +32,8 @@ DETERMINISTIC_STAGES = ("scores",)  # no randomness: every seed shares them
 SHARED_SECTIONS = ("data", "model", "negatives", "eval")  # config sections every stage depends on
 _EXPLAINED = {
     "code": "the pipeline's source changed (data/, models/, losses/, pipeline/)",  # see changed_settings
-    "data_files": "the data files changed (size or modification time)",
-    "model_files": "the starting model's files changed (size or modification time)",
+    "data_files": "the data files changed (their content)",
+    "model_files": "the starting model's files changed (their content)",
 }
 
 
@@ -64,10 +64,20 @@ def check_model_path(model_path: str) -> None:
 
 
 def fingerprint(path: Path) -> list:
-    """(name, size, mtime) of every file under ``path`` (or of ``path`` itself): a change of the files shows."""
+    """(name, size, sha256 of the content) of every file under ``path`` (or of ``path`` itself).
+
+    Content, not modification time: the same data or model copied to another folder or machine
+    (which gives its files new times) keeps every finished stage, and an edit shows even when the
+    size stays. Reading costs about a second per GB, once per run.
+    """
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns)
+    return [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, file_digest(p))
             for p in files if p.exists()]
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """``run_pipeline.py --plan``: what a command will do, read from the run folder, with nothing written."""
 
 import logging
+import os
 import re
 
 import pytest
@@ -125,3 +126,16 @@ def test_changed_settings_name_the_setting_and_the_upstream_stage():
     new = {"distill": {"tau_de": 0.05, "weights": {"attn": 0.0}}, "run": {"seed": 14}, "inputs": {"cross_encoder": "b"}}
     assert changed_settings(old, new, {"cross_encoder": "teacher"}) == [
         "distill.weights.attn: 1.0 -> 0.0", "run.seed: 13 -> 14", "inputs.cross_encoder: the teacher stage it reads changed"]
+
+
+def test_stage_hashes_follow_the_data_content_not_its_file_times(tmp_path):
+    from pipeline.plan import fingerprint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.jsonl").write_text('{"_id": "1", "text": "a"}\n')
+    before = fingerprint(data)
+    os.utime(data / "corpus.jsonl", (1, 1))  # copied to another machine: new times, same bytes
+    assert fingerprint(data) == before
+    (data / "corpus.jsonl").write_text('{"_id": "1", "text": "b"}\n')  # same size, other content
+    assert fingerprint(data) != before

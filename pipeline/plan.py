@@ -71,11 +71,14 @@ def fingerprint(path: Path) -> list:
     size stays. Reading costs about a second per GB, once per run.
     """
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return [(str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, file_digest(p))
-            for p in files if p.exists()]
+    stats = [(p, p.stat()) for p in files if p.exists()]
+    return [(str(p.relative_to(path) if path.is_dir() else p.name), st.st_size,
+             file_digest(p.resolve(), st.st_size, st.st_mtime_ns)) for p, st in stats]
 
 
-def file_digest(path: Path) -> str:
+@functools.lru_cache(maxsize=4096)
+def file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's content, read once per process while its size and time stay the same."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

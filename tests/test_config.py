@@ -110,3 +110,15 @@ def test_the_recommended_recipe_loads_and_plans_a_cached_teacher():
     assert dict(stage_plan(config))["distill"] == {"teacher_scores": "scores"}
     active = {k for k, v in vars(config.distill.weights).items() if v}
     assert active == {"de", "kl_ce_de"} and config.scores.label_correction
+
+
+def test_no_text_file_holds_a_merge_conflict_marker():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.yaml", "*.txt", "*.toml", "Makefile"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert tracked
+    marked = [name for name in tracked if re.search(r"^(<{7} |>{7} |={7}$)", (root / name).read_text(), re.M)]
+    assert not marked, f"merge conflict markers in {marked}"

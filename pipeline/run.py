@@ -150,7 +150,7 @@ def saved_bm25_index(config: PipelineConfig, data: BeirData, folder: Path) -> BM
         log.info("bm25: indexed %d passages in %.1f s, saved in %s", len(data.corpus), time.perf_counter() - started,
                  folder)
     else:
-        log.info("bm25: the index saved in %s", folder)
+        log.info("bm25: reading the index saved in %s", folder)
     return BM25Index.load(folder, config.negatives.bm25, threads=config.run.bm25_threads)
 
 

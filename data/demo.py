@@ -26,7 +26,7 @@ from data.fields import bounded
 
 DEMO_FORMAT_VERSION = 1
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class DemoSpec:
 def _pseudo_words(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
     words: list[str] = []
     while len(words) < n:
-        word = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4))))
+        word = "".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 4))))
         if word not in taken:
             taken.add(word)
             words.append(word)

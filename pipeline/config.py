@@ -34,13 +34,16 @@ STAGE_NAMES = ("posttrain", "teacher", "scores", "warmup", "refresh", "distill")
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Where the run lives: ``<output_dir>/<name>/``."""
+    """Where the run lives (``<output_dir>/<name>/``) and how it uses the machine."""
 
     name: str = file_name("demo")
     output_dir: str = nonempty("runs")
     seed: int = bounded(13, ge=0, le=2**31 - 1)
     stages: str = listed("posttrain,teacher,distill", STAGE_NAMES, "stage")  # in order
     mixed_precision: str = one_of("no", ("no", "fp16", "bf16"))  # Accelerate's
+    # Threads of the main process's BM25 search (mining, the BM25 evaluation row): it runs while the other
+    # processes wait. Not in any stage hash: the results do not depend on it.
+    bm25_threads: int = bounded(0, ge=0, note="0: one per CPU core")
 
 
 @dataclass(frozen=True)

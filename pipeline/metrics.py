@@ -40,15 +40,15 @@ def ranking_from_arrays(
     >>> ranking_from_arrays(["q"], ["a", "b", "c"], np.array([[0, 2, 1]]), np.array([[1.0, 1.0, 0.5]]))
     {'q': ['c', 'a', 'b']}
     """
-    order = np.argsort(np.asarray(doc_ids, dtype=object), kind="stable")
-    id_rank = np.empty(len(doc_ids), dtype=np.int64)
-    id_rank[order] = np.arange(len(doc_ids))
+    ids = np.asarray(doc_ids, dtype=object)  # read once: a datasets column reads each item through Arrow
+    id_rank = np.empty(len(ids), dtype=np.int64)
+    id_rank[np.argsort(ids, kind="stable")] = np.arange(len(ids))
     ranking: Ranking = {}
     for qid, row_idx, row_scores in zip(query_ids, indices, scores):
         keep = row_idx >= 0
         row_idx, row_scores = row_idx[keep], row_scores[keep].astype(np.float64)
         best_first = np.lexsort((-id_rank[row_idx], -row_scores))  # last key is primary
-        ranking[qid] = [doc_ids[i] for i in row_idx[best_first]]
+        ranking[qid] = ids[row_idx[best_first]].tolist()
     return ranking
 
 

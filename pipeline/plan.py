@@ -182,6 +182,12 @@ def negatives_file(config: PipelineConfig, data_dir: Path) -> Path:
     return config.run_dir / "negatives" / f"bm25-{key[:8]}.jsonl"
 
 
+def bm25_index_dir(config: PipelineConfig, data_dir: Path) -> Path:
+    """The run's saved BM25 index, keyed by what decides it: the data files' content and the BM25 settings."""
+    key = digest({"files": fingerprint(data_dir), "bm25": config.negatives.bm25.analysis()})
+    return config.run_dir / "bm25" / f"index-{key[:8]}"
+
+
 def initial_file(config: PipelineConfig, base: dict) -> Path:
     """The starting encoder's metrics, computed once per model, data and config (variants share them)."""
     return config.run_dir / f"initial-{digest(base)[:8]}.json"

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +33,14 @@ from data.pseudo import add_pseudo_queries
 from pipeline import interrupt
 from pipeline.batches import check_divisible
 from pipeline.config import PipelineConfig, check_config, save_config
-from pipeline.distributed import any_true
+from pipeline.distributed import any_true, broadcast_object, world
 from pipeline.evaluate import bm25_search, evaluate_dense
-from pipeline.io import read_jsonl, remove_tree, write_json_atomic, write_jsonl_atomic
+from pipeline.io import atomic_dir, read_jsonl, remove_tree, write_json_atomic, write_jsonl_atomic
 from pipeline.lock import run_lock
-from pipeline.metrics import evaluate_ranking
+from pipeline.metrics import Ranking, evaluate_ranking
 from pipeline.model_card import write_model_cards
-from pipeline.plan import (base_key, code_version, initial_file, negatives_file, plan_stages, resolve_inputs,
-                           stage_action, stage_state)
+from pipeline.plan import (base_key, bm25_index_dir, code_version, initial_file, negatives_file, plan_stages,
+                           resolve_inputs, stage_action, stage_state)
 from pipeline.report import stage_table, write_report
 from pipeline.stages.common import StageContext
 from pipeline.stages.distill import run_distill
@@ -111,16 +112,65 @@ def prepare(config: PipelineConfig, only: list[str] | None = None, accelerator: 
     return Inputs(data_dir, model_path, data, tokenizer, model_config)
 
 
+@dataclass(frozen=True)
+class BM25Inputs:
+    """What BM25 gives a run: its saved index, the training queries' negatives, the eval split's top ``eval.top_k``."""
+
+    index_dir: Path
+    negatives: dict[str, list[str]]
+    ranking: Ranking
+
+
+def prepare_bm25(config: PipelineConfig, data: BeirData, data_dir: Path) -> BM25Inputs:
+    """Index, mine and rank once, on the main process; call it on every process, which all get the same result.
+
+    The index is saved with the run and the negatives cached, both written atomically and keyed by
+    the data and the settings, so a rerun reads them instead. The other processes wait for the main
+    process and read what it wrote: BM25 costs one process's work and memory, not one per process.
+    """
+    done = negatives = None
+    if world()[0] == 0:  # the file keys read every data file: once, not on every process
+        index_dir, negatives_path = bm25_index_dir(config, data_dir), negatives_file(config, data_dir)
+        index = saved_bm25_index(config, data, index_dir)
+        negatives = mine_bm25_negatives(config, data, index, negatives_path)
+        ranking = bm25_search(index, data, data.judged_queries(config.eval.split), config.eval.top_k)
+        done = (index_dir, negatives_path, ranking)
+    index_dir, negatives_path, ranking = broadcast_object(done)  # the other processes wait here for the files
+    if negatives is None:
+        negatives = read_negatives(negatives_path)
+    return BM25Inputs(index_dir, negatives, ranking)
+
+
+def saved_bm25_index(config: PipelineConfig, data: BeirData, folder: Path) -> BM25Index:
+    """The corpus's BM25 index saved in ``folder`` (memory-mapped), built and saved first when it is not there."""
+    if not folder.is_dir():  # written whole or not at all (atomic_dir)
+        started = time.perf_counter()
+        with atomic_dir(folder) as staging:
+            BM25Index(data.passage_texts(), config.negatives.bm25).save(staging)
+        log.info("bm25: indexed %d passages in %.1f s, saved in %s", len(data.corpus), time.perf_counter() - started,
+                 folder)
+    else:
+        log.info("bm25: reading the index saved in %s", folder)
+    return BM25Index.load(folder, config.negatives.bm25, threads=config.run.bm25_threads)
+
+
 def mine_bm25_negatives(config: PipelineConfig, data: BeirData, index: BM25Index, path: Path) -> dict[str, list[str]]:
     """Top BM25 non-relevant passages of every training query, cached in ``path`` (JSONL)."""
     if path.exists():
-        return {row["query_id"]: row["negatives"] for row in read_jsonl(path)}
+        return read_negatives(path)
     split = config.data.train_split
     query_ids = data.judged_queries(split)
+    started = time.perf_counter()
     negatives = mine_negatives(data.qrels[split], query_ids, lambda qids, k: bm25_search(index, data, qids, k),
                                config.negatives.depth)
     write_jsonl_atomic(path, ({"query_id": q, "negatives": negatives[q]} for q in query_ids))
+    log.info("bm25: mined the negatives of %d training queries in %.1f s (%d threads)", len(query_ids),
+             time.perf_counter() - started, index.threads)
     return negatives
+
+
+def read_negatives(path: Path) -> dict[str, list[str]]:
+    return {row["query_id"]: row["negatives"] for row in read_jsonl(path)}
 
 
 def _input_folder(role: str, upstream: str, stage_dir: Path) -> Path:
@@ -197,12 +247,8 @@ def _run(config: PipelineConfig, only: list[str] | None, variant: str, accelerat
     if accelerator.is_main_process:
         save_config(config, run_dir / (f"config-{variant}.yaml" if variant else "config.yaml"))
 
-    bm25 = BM25Index(data.passage_texts(), config.negatives.bm25)
-    with accelerator.main_process_first():  # mined and written once, read by the other processes
-        negatives = mine_bm25_negatives(config, data, bm25, negatives_file(config, checked.data_dir))
-    split = config.eval.split
-    bm25_ranking = bm25_search(bm25, data, data.judged_queries(split), config.eval.top_k)
-    results: dict[str, dict] = {"bm25": {"bm25": evaluate_ranking(data.qrels[split], bm25_ranking)}}
+    bm25 = prepare_bm25(config, data, checked.data_dir)
+    results: dict[str, dict] = {"bm25": {"bm25": evaluate_ranking(data.qrels[config.eval.split], bm25.ranking)}}
     results["initial"] = {"dual-encoder": _evaluate_initial(config, model_path, tokenizer, data, accelerator,
                                                             initial_file(config, base))}
     folders = {stage.name: stage.folder for stage in stages}
@@ -234,12 +280,11 @@ def _run(config: PipelineConfig, only: list[str] | None, variant: str, accelerat
             # A stage's randomness depends on the run seed and its name alone: not on what ran before
             # in this process, nor on where the files live.
             set_seed(config.run.seed + int(hashlib.sha256(name.encode()).hexdigest()[:6], 16) % 1000)
-            stage_negatives = negatives
-            if "negatives" in inputs:
-                stage_negatives = {row["query_id"]: row["negatives"] for row in read_jsonl(inputs["negatives"])}
+            stage_negatives = read_negatives(inputs["negatives"]) if "negatives" in inputs else bm25.negatives
             ctx = StageContext(config=config, accelerator=accelerator, data=data, tokenizer=tokenizer,
                                negatives=stage_negatives, stage_dir=stage_dir,
-                               inputs={k: str(v) for k, v in inputs.items()}, bm25_test_ranking=bm25_ranking, bm25=bm25)
+                               inputs={k: str(v) for k, v in inputs.items()}, bm25_test_ranking=bm25.ranking,
+                               bm25_dir=bm25.index_dir)
             metrics = RUNNERS[name](ctx, getattr(config, name))
             results[name] = metrics
             if accelerator.is_main_process:

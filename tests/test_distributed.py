@@ -116,6 +116,25 @@ def test_the_demo_pipeline_under_two_processes_evaluates_as_one_process_does(tmp
     assert np.mean(list(per_query.values())) == pytest.approx(alone["ndcg@10"], abs=1e-5)
 
 
+def test_bm25_is_built_and_mined_once_under_two_processes_as_under_one(tmp_path, demo_dirs):
+    """The main process indexes and mines; the other builds nothing and reads what the main process wrote."""
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"bm25-{processes}"
+        launch(ROOT / "tests" / "distributed_bm25.py", "--data", str(demo_dirs[0]), "--output-dir", str(out / "runs"),
+               "--out", str(out), processes=processes)
+        runs[processes] = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(processes)]
+    (single,), (main, other) = runs[1], runs[2]
+    assert [single["processes"], main["processes"], other["processes"]] == [1, 2, 2]
+    assert [single["builds"], main["builds"], other["builds"]] == [1, 1, 0]
+    assert Path(main["index_dir"]).is_dir() and other["index_dir"] == main["index_dir"]
+    assert len(single["negatives"]) > 20 and all(len(n) == 30 for n in single["negatives"].values())
+    for record in (main, other):
+        assert record["negatives"] == single["negatives"]
+        assert record["ranking"] == single["ranking"] and len(single["ranking"]) > 5
+        assert record["pair_scores"] == single["pair_scores"] and max(single["pair_scores"]) > 0
+
+
 def test_shards_of_a_global_batch_are_its_rows_in_group_layout(demo_dirs, tiny_tokenizer):
     from data.beir import load_beir
     from data.groups import TrainGroups

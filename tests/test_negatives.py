@@ -42,6 +42,58 @@ def test_mined_negatives_never_contain_a_positive(demo_dirs):
     assert positives_retrieved > 0  # the check above is not vacuous
 
 
+def test_threaded_search_equals_one_thread(demo_dirs):
+    data = load_beir(demo_dirs[0], ("train",))
+    queries = data.query_texts(data.judged_queries("train"))
+    one = BM25Index(data.passage_texts(), BM25Config(chunk_size=25)).search(queries, k=20)
+    threaded = BM25Index(data.passage_texts(), BM25Config(chunk_size=25), threads=3).search(queries, k=20)
+    np.testing.assert_array_equal(one[1], threaded[1])
+    np.testing.assert_array_equal(one[0], threaded[0])
+
+
+def test_a_second_run_loads_the_saved_bm25_index_instead_of_rebuilding_it(tmp_path, demo_dirs, monkeypatch):
+    import bm25s
+
+    from data.negatives import mine_negatives
+    from pipeline.config import load_config
+    from pipeline.run import load_data, prepare_bm25
+
+    builds = []
+    build = bm25s.BM25.index
+
+    def counted_build(self, *a, **kw):
+        builds.append(1)
+        return build(self, *a, **kw)
+
+    monkeypatch.setattr(bm25s.BM25, "index", counted_build)
+    data_dir = demo_dirs[0]
+    config = load_config(None, [f"data.path={data_dir}", f"run.output_dir={tmp_path}", "eval.top_k=50",
+                                "eval.rerank_depth=50"])
+    data = load_data(config, data_dir)
+    first = prepare_bm25(config, data, data_dir)
+    assert len(builds) == 1 and (first.index_dir / BM25Index.SETTINGS).is_file()
+    (negatives_file,) = (config.run_dir / "negatives").glob("bm25-*.jsonl")
+    negatives_file.unlink()  # mined again by the second run, from the index it loads
+    second = prepare_bm25(config, data, data_dir)
+    assert len(builds) == 1 and negatives_file.is_file()
+    assert second == first
+
+    # What the saved index gives is what an index built in memory gives.
+    built = BM25Index(data.passage_texts(), config.negatives.bm25)
+    train = data.judged_queries("train")
+    search = lambda qids, k: bm25_search(built, data, qids, k)  # noqa: E731
+    assert first.negatives == mine_negatives(data.qrels["train"], train, search, config.negatives.depth)
+    assert first.ranking == bm25_search(built, data, data.judged_queries("test"), 50)
+    assert len(builds) == 2
+
+    # Other BM25 settings are another index; the saved one refuses them.
+    other = load_config(None, [f"data.path={data_dir}", f"run.output_dir={tmp_path}", "eval.top_k=50",
+                               "eval.rerank_depth=50", "negatives.bm25.k1=1.2"])
+    assert prepare_bm25(other, data, data_dir).index_dir != first.index_dir and len(builds) == 3
+    with pytest.raises(ValueError, match="was built with"):
+        BM25Index.load(first.index_dir, other.negatives.bm25)
+
+
 def _groups(seed=0, negatives=None, group_size=4):
     qrels = {"q1": {"a": 1, "b": 1}, "q2": {"c": 1, "z": 0}, "q3": {"d": 0}}
     negatives = negatives or {"q1": ["c", "d", "e", "f"], "q2": ["a", "b"]}

@@ -31,7 +31,7 @@ class StageContext:
     stage_dir: Path
     inputs: dict[str, Path]  # role ("encoder", "cross_encoder", "dual_encoder") -> folder to load
     bm25_test_ranking: Ranking
-    bm25: BM25Index | None = None  # the corpus's BM25 index (the ``scores`` stage reads its scores)
+    bm25_dir: Path | None = None  # the run's saved BM25 index (pipeline.run.prepare_bm25)
 
     @property
     def device(self) -> torch.device:
@@ -41,6 +41,11 @@ class StageContext:
     def process(self) -> dict[str, int]:
         """``rank`` and ``num_processes`` for a batch source (``run.check_launch`` checked the batch sizes split)."""
         return {"rank": self.accelerator.process_index, "num_processes": self.accelerator.num_processes}
+
+    @cached_property
+    def bm25(self) -> BM25Index:
+        """The corpus's BM25 index (the ``scores`` stage reads its scores), memory-mapped when first asked for."""
+        return BM25Index.load(self.bm25_dir, self.config.negatives.bm25)
 
     @cached_property
     def special(self) -> SpecialTokens:

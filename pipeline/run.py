@@ -19,11 +19,12 @@ import logging
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from data.beir import BeirData, load_beir
 from data.errors import InputError
@@ -184,6 +185,11 @@ def _input_folder(role: str, upstream: str, stage_dir: Path) -> Path:
     return final
 
 
+# The other processes wait in a collective while the main process indexes and mines BM25 or searches
+# FAISS alone: at MS MARCO size that passes NCCL's default 10 minutes.
+COLLECTIVE_TIMEOUT = timedelta(hours=3)
+
+
 def run(config: PipelineConfig, only: list[str] | None = None, variant: str = "") -> dict[str, dict]:
     """Run (or resume) ``config``'s stages; ``only`` reruns just those, reading the others' ``final/``.
 
@@ -192,7 +198,8 @@ def run(config: PipelineConfig, only: list[str] | None = None, variant: str = ""
     run_dir = config.run_dir
     tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = Accelerator(mixed_precision=config.run.mixed_precision, log_with=tracker,
-                              project_dir=str(run_dir / "tensorboard"), cpu=_cpu_processes())
+                              project_dir=str(run_dir / "tensorboard"), cpu=_cpu_processes(),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{accelerator.process_index}"

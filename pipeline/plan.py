@@ -66,9 +66,10 @@ def check_model_path(model_path: str) -> None:
 def fingerprint(path: Path) -> list:
     """(name, size, sha256 of the content) of every file under ``path`` (or of ``path`` itself).
 
-    Content, not modification time: the same data or model copied to another folder or machine
-    (which gives its files new times) keeps every finished stage, and an edit shows even when the
-    size stays. Reading costs about a second per GB, once per run.
+    Content, not modification time: the same files copied again to the same path (new times, same
+    bytes) keep every finished stage, and an edit shows even when the size stays. (Another path is
+    another ``data.path`` or ``model.name_or_path``, which the stage key holds too.) Reading costs
+    about a second per GB, once per process (``file_digest`` caches it).
     """
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     stats = [(p, p.stat()) for p in files if p.exists()]

@@ -1,7 +1,8 @@
 """``scores``: a frozen teacher, scored once, whose scores the distillation stages read.
 
-The teacher is a hybrid ranker: BM25, the starting dual-encoder and (optionally) a dual-encoder an
-earlier ``warmup`` or ``distill`` stage trained and the trained cross-encoder, each z-normalised over a query's candidate list and summed with weights. On
+The teacher is a hybrid ranker: BM25, the starting dual-encoder and (optionally) the dual-encoder
+an earlier ``warmup`` or ``distill`` stage trained and the trained cross-encoder, each z-normalised
+over a query's candidate list and summed with weights. On
 SciFact-like data no single small model is a better teacher than the student, but lexical and
 neural scores fused often are (hybrid retrieval). Scoring once (as Margin-MSE, TAS-B, GPL and
 ColBERTv2 do) also takes the teacher's forward out of every training step.

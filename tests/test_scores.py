@@ -163,3 +163,61 @@ def test_the_teacher_can_fuse_the_dual_encoder_an_earlier_stage_trained(tmp_path
     # A warmup trained with another seed is another teacher: the scores stage is not shared.
     run(tiny_config(tmp_path, *WARMED, "run.seed=2"))
     assert len(list(config.run_dir.glob("scores-*"))) == 2
+
+
+CROSS_FIT = ["run.stages=scores,distill", "scores.bm25=0", "scores.dual_encoder=0", "scores.cross_fitted_dual_encoder=1",
+             "scores.label_correction=false", "scores.cross_fit.train.max_steps=2", "scores.cross_fit.train.lr=1e-3",
+             "scores.cross_fit.batch_size=4", *CACHED[1:], "distill.train.max_steps=1"]
+
+
+def test_a_cross_fitted_teacher_scores_each_training_query_with_the_model_that_never_saw_it(tmp_path, monkeypatch):
+    import pipeline.stages.scores as scores_module
+    from data.collate import SpecialTokens, tokenize
+    from models.dual_encoder import DualEncoder
+    from pipeline.evaluate import encode
+    from pipeline.stages.scores import fold_of
+    from transformers import AutoTokenizer
+
+    config = tiny_config(tmp_path, *CROSS_FIT)
+    assert "dual_encoder" not in dict(stage_plan(config))["scores"]  # no earlier stage needed
+    trained_on, real = [], scores_module.run_distill
+    monkeypatch.setattr(scores_module, "run_distill",
+                        lambda ctx, stage: (trained_on.append(set(ctx.data.qrels["train"])), real(ctx, stage))[1])
+    results = run(config)
+    labels = list(results["scores"])
+    assert labels[0].startswith("teacher (cross-fitted-dual-encoder 1)")
+    assert [label.split(" (")[0] for label in labels[1:]] == ["cross-fitted dual-encoder 0", "cross-fitted dual-encoder 1"]
+    scores = read_teacher_scores(stage_dir(config, "scores") / "final" / "teacher_scores.jsonl")
+    data = load_data(config, config.run_dir.parent / "demo_assets" / "data")
+    row = {d: i for i, d in enumerate(data.corpus["_id"])}
+    texts = data.passage_texts()
+    folders = [stage_dir(config, "scores") / f"fold-{k}" / "final" / "dual_encoder" for k in (0, 1)]
+    models = [DualEncoder.from_pretrained(folder).eval() for folder in folders]
+    tokenizer = AutoTokenizer.from_pretrained(folders[0])
+    special = SpecialTokens.from_tokenizer(tokenizer)
+
+    def zscored(model, qid, docs):
+        q = encode(model.encode_queries, tokenize(tokenizer, data.query_texts([qid]), config.eval.query_max_len),
+                   special, 8)
+        p = encode(model.encode_passages, tokenize(tokenizer, [texts[row[d]] for d in docs],
+                                                   config.eval.passage_max_len), special, 8)
+        return zscore(p @ q[0])
+
+    seen = {0: 0, 1: 0}
+    for qid in sorted(scores):
+        k = fold_of(qid, 2)
+        if seen[k] == 2:
+            continue
+        seen[k] += 1
+        docs = list(scores[qid])
+        own, other = zscored(models[k], qid, docs), zscored(models[1 - k], qid, docs)
+        np.testing.assert_allclose([scores[qid][d] for d in docs], own, atol=2e-4)
+        assert not np.allclose(own, other, atol=1e-3)  # the other fold's model would score it differently
+    assert seen == {0: 2, 1: 2}
+    # Model k trained on exactly the training queries outside fold k.
+    assert [{fold_of(q, 2) for q in queries} for queries in trained_on] == [{1}, {0}]
+    assert trained_on[0] | trained_on[1] == set(scores)
+
+    # Shared by every seed: another run seed reads the same scores stage back.
+    run(tiny_config(tmp_path, *CROSS_FIT, "run.seed=2"))
+    assert len(list(config.run_dir.glob("scores-*"))) == 1

@@ -16,7 +16,10 @@ from pipeline import evaluate
 from pipeline.batches import TokenizedText
 from pipeline.config import PipelineConfig
 from pipeline.evaluate import dense_search
+from pipeline.io import read_jsonl
 from pipeline.metrics import Ranking
+
+TEACHER_SCORES_FILE = "teacher_scores.jsonl"  # what a ``scores`` stage writes under ``final/``
 
 
 @dataclass
@@ -97,3 +100,8 @@ def cross_encoder_scorer(ctx: StageContext, cross_encoder):
 
 def colbert_scorer(ctx: StageContext, dual_encoder, colbert):
     return evaluate.colbert_scorer(dual_encoder, colbert, ctx.special, ctx.device)
+
+
+def read_teacher_scores(path: str | Path) -> dict[str, dict[str, float]]:
+    """``{query id: {passage id: fused score}}`` as the ``scores`` stage wrote it."""
+    return {row["query_id"]: row["scores"] for row in read_jsonl(Path(path))}

@@ -118,7 +118,28 @@ def warmup_config() -> DistillConfig:
     return DistillConfig(weights=LossWeights(**off))
 
 
-SCORE_COMPONENTS = ("bm25", "dual_encoder", "trained_dual_encoder", "cross_encoder")  # ScoresConfig's weights
+SCORE_COMPONENTS = ("bm25", "dual_encoder", "trained_dual_encoder", "cross_fitted_dual_encoder",
+                    "cross_encoder")  # ScoresConfig's weights
+
+
+@dataclass(frozen=True)
+class CrossFitConfig:
+    """The ``scores`` stage's own dual-encoders for ``cross_fitted_dual_encoder``, trained contrastively.
+
+    The training queries are split into ``folds`` by their ids (sha256("fold:" + id) mod folds);
+    fold k's model starts from the starting encoder and trains on every query outside fold k with
+    the ``de`` term alone (BM25 negatives, in-batch), so each training query is scored by a model
+    that never saw it. A teacher trained on the very queries it scores is sure of them (on SciFact
+    it put 0.96 of a group's probability on the positive) and tells the student little beyond the
+    labels. ``seed`` replaces ``run.seed`` here: the stage is shared by every seed of a run.
+    """
+
+    folds: int = bounded(2, ge=2)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=3e-5, checkpoint_every=25))
+    batch_size: int = bounded(16, ge=1, note="groups; at most the judged training queries of a fold's model")
+    group_size: int = bounded(4, ge=1)
+    tau: float = bounded(0.05, gt=0)
+    seed: int = bounded(13, ge=0, le=2**31 - 1)
 
 
 @dataclass(frozen=True)
@@ -129,21 +150,25 @@ class ScoresConfig:
     z-normalised over the query's candidate list and summed with these weights (hybrid lexical +
     neural ranking); ``dual_encoder`` is the starting encoder (after ``posttrain`` if it ran),
     ``trained_dual_encoder`` the dual-encoder of the last ``warmup`` or ``distill`` stage before this
-    one, and ``cross_encoder`` the ``teacher`` stage's model. ``passage_max_len`` (0: ``eval.passage_max_len``)
+    one, ``cross_fitted_dual_encoder`` dual-encoders this stage trains so that no training query is
+    scored by a model trained on it (``cross_fit``; evaluation lists get their mean), and
+    ``cross_encoder`` the ``teacher`` stage's model. ``passage_max_len`` (0: ``eval.passage_max_len``)
     lets the teacher read more of each passage than the student does. On SciFact train the fused
     teacher puts a negative above the positive for 44% of the queries: without the correction its
     KL terms would pull the student away from the labels.
     """
 
-    bm25: float = bounded(1.0, ge=0, note="bm25, dual_encoder, trained_dual_encoder, cross_encoder: not all 0")
+    bm25: float = bounded(1.0, ge=0, note="bm25 and the other four weights: not all 0")
     dual_encoder: float = bounded(1.0, ge=0)
     trained_dual_encoder: float = bounded(0.0, ge=0, note="needs a warmup or distill stage before scores")
+    cross_fitted_dual_encoder: float = bounded(0.0, ge=0, note="trains scores.cross_fit.folds models")
     cross_encoder: float = bounded(0.0, ge=0)
     passage_max_len: int = bounded(0, ge=0, note="0: eval.passage_max_len")
     # Training lists only: labels overrule the teacher's order. A positive scored below a negative is
     # lifted to the best negative's score + ``positive_margin`` (negatives keep their scores).
     label_correction: bool = True
     positive_margin: float = bounded(1.0, ge=0)
+    cross_fit: CrossFitConfig = field(default_factory=CrossFitConfig)
 
 
 @dataclass(frozen=True)

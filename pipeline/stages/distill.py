@@ -36,10 +36,9 @@ from pipeline.batches import GroupBatch, GroupBatches
 from pipeline.distributed import gather_with_grad
 from pipeline.grad_cache import Inputs, cached_encode, chunked_loss, split_rows
 from pipeline.io import atomic_dir
-from pipeline.stages.common import (StageContext, colbert_scorer, cross_encoder_scorer, evaluate_dual_encoder, rerank,
-                                    rerank_label)
+from pipeline.stages.common import (StageContext, colbert_scorer, cross_encoder_scorer, evaluate_dual_encoder,
+                                    read_teacher_scores, rerank, rerank_label)
 from pipeline.stages.configs import TEACHER_TARGETS, DistillConfig, needs, term_weights
-from pipeline.stages.scores import read_teacher_scores
 from pipeline.stages.teacher import training_groups
 from pipeline.train import train
 

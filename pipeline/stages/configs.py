@@ -16,9 +16,13 @@ TEACHER_TARGETS = ("kl_ce_col", "kl_ce_de", "attn")  # terms that read the teach
 class PosttrainConfig:
     """MLM on the corpus, optionally with SimCSE (dropout views) or Mirror-BERT (plus span masking)."""
 
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=5e-4))
+    # head_lr: a checkpoint without an MLM head (sentence-transformers) gets a random transform layer,
+    # which at an encoder's rate (1e-5 to 5e-5 for a pretrained one) stays near random for a short
+    # stage while its noise reaches the encoder; 1e-3 is the usual AdamW rate of a fresh head.
+    # A checkpoint with its head has no new parameters: there it changes nothing.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=5e-4, head_lr=1e-3))
     batch_size: int = bounded(32, ge=1, note="passages; at most the corpus size")
-    mlm: float = bounded(1.0, ge=0, note="mlm, simcse, mirror: not all 0")
+    mlm: float = bounded(1.0, ge=0, note="mlm, simcse, mirror: not all 0; 0: SimCSE or Mirror-BERT alone")
     simcse: float = bounded(0.0, ge=0)
     mirror: float = bounded(0.0, ge=0)
     mlm_probability: float = bounded(0.15, gt=0, le=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from pipeline.io import atomic_dir
 from pipeline.stages.common import StageContext, evaluate_dual_encoder
 from pipeline.stages.configs import PosttrainConfig
 from pipeline.train import train
+
+log = logging.getLogger(__name__)
 
 
 def _special_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -82,8 +85,41 @@ def posttrain_terms(out: PostTrainOutput, stage: PosttrainConfig) -> dict[str, t
     return terms
 
 
+def load_masked_lm(name_or_path: str, trust_remote_code: bool = False) -> tuple[nn.Module, frozenset[str]]:
+    """The checkpoint as a masked LM, and the names of the parameters it lacked (initialised here).
+
+    An encoder-only checkpoint (a sentence-transformers model, a ``BertModel``) has no MLM head:
+    ``transformers`` ties the decoder to the input embeddings and initialises the rest at random.
+    A parameter counts as new only when none of its tied names was loaded, so the decoder's
+    weight, shared with the loaded word embeddings, is not new.
+    """
+    model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                       output_loading_info=True)
+    missing = set(info["missing_keys"])
+    aliases: dict[int, list[str]] = {}  # parameter -> every name it has; the first is ``named_parameters()``'s
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    return model, frozenset(names[0] for names in aliases.values() if missing.issuperset(names))
+
+
+def _log_new_head(model: nn.Module, name_or_path: str, new: frozenset[str], stage: PosttrainConfig) -> None:
+    modules = ", ".join(sorted({name.rpartition(".")[0] for name in new}))
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    if not stage.mlm:
+        how = "not trained (posttrain.mlm is 0)"
+    elif stage.train.head_lr:
+        how = f"trained at posttrain.train.head_lr={stage.train.head_lr:g}"
+    else:
+        how = f"trained at posttrain.train.lr={stage.train.lr:g} (posttrain.train.head_lr is 0)"
+    log.info("posttrain: %s has no MLM head: %snewly initialised %s, %s", name_or_path,
+             "the decoder is tied to the input embeddings; " if tied else "", modules, how)
+
+
 def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[str, float]]:
-    model = AutoModelForMaskedLM.from_pretrained(ctx.inputs["encoder"], trust_remote_code=ctx.config.model.trust_remote_code)
+    model, new = load_masked_lm(ctx.inputs["encoder"], ctx.config.model.trust_remote_code)
+    if new:
+        _log_new_head(model, ctx.inputs["encoder"], new, stage)
     batches = PassageBatches(ctx.text, stage.batch_size, ctx.config.run.seed,
                              **ctx.process)
     tokenizer, pooling = ctx.tokenizer, ctx.config.model.pooling
@@ -101,7 +137,8 @@ def run_posttrain(ctx: StageContext, stage: PosttrainConfig) -> dict[str, dict[s
             return posttrain_terms(out, stage)
 
     train(ctx.accelerator, trainer, step, batches.batch_at, batches.per_epoch,
-          {k: v for k, v in weights.items() if v}, stage.train, ctx.stage_dir)
+          {k: v for k, v in weights.items() if v}, stage.train, ctx.stage_dir,
+          new_parameters=frozenset(f"model.{name}" for name in new))
     final = ctx.stage_dir / "final"
     if ctx.accelerator.is_main_process:
         with atomic_dir(final) as staging:

@@ -77,8 +77,8 @@ def correct_with_labels(scores: np.ndarray, positive: np.ndarray, margin: float)
 def fold_of(query_id: str, folds: int) -> int:
     """The cross-fitting fold of a training query: sha256("fold:" + id) mod ``folds`` (its id alone decides).
 
-    >>> fold_of("q1", 2), fold_of("q1", 2) == fold_of("q1", 2)
-    (0, True)
+    >>> [fold_of(q, 2) for q in ("q1", "q2", "q3", "q4")]
+    [1, 0, 0, 1]
     """
     return int(hashlib.sha256(f"fold:{query_id}".encode()).hexdigest(), 16) % folds
 
@@ -211,16 +211,33 @@ class HybridTeacher:
         return {q: fuse(parts[q], self.weights) for q in lists}
 
 
-def positive_probability(scores: dict[str, np.ndarray], lists: dict[str, list[str]], qrels, tau: float = 1.0) -> float:
-    """Mean over queries of the softmax(scores / tau) mass on the query's positives: how sure a teacher is.
+def positive_probability(scores: dict[str, np.ndarray], lists: dict[str, list[str]], qrels, tau: float = 1.0,
+                         group_size: int = 0, samples: int = 5, seed: int = 0) -> float:
+    """How sure a teacher is: the mean softmax(scores / tau) mass on the positives.
+
+    Over each query's whole list, or (``group_size`` > 0) over groups like the ones the KL terms see:
+    one positive and ``group_size - 1`` of the list's negatives, ``samples`` random groups per query.
 
     >>> round(positive_probability({"q": np.array([1.0, 0.0])}, {"q": ["a", "b"]}, {"q": {"a": 1}}), 4)
     0.7311
+    >>> round(positive_probability({"q": np.array([1.0, 0.0, 0.0])}, {"q": ["a", "b", "c"]}, {"q": {"a": 1}},
+    ...                            group_size=2), 4)
+    0.7311
     """
-    mass = []
+    rng, mass = np.random.default_rng(seed), []
     for q, s in scores.items():
-        p = np.exp((s - s.max()) / tau)
-        mass.append(sum(pi for d, pi in zip(lists[q], p / p.sum()) if qrels[q].get(d, 0) > 0))
+        positive = np.array([qrels[q].get(d, 0) > 0 for d in lists[q]])
+        if not group_size:
+            p = np.exp((s - s.max()) / tau)
+            mass.append(float(p[positive].sum() / p.sum()))
+            continue
+        pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+        if not len(pos) or len(neg) < group_size - 1:
+            continue
+        for _ in range(samples):
+            group = s[[rng.choice(pos), *rng.choice(neg, group_size - 1, replace=False)]] / tau
+            p = np.exp(group - group.max())
+            mass.append(float(p[0] / p.sum()))
     return float(np.mean(mass))
 
 
@@ -242,9 +259,11 @@ def run_scores(ctx: StageContext, stage: ScoresConfig) -> dict[str, dict[str, fl
         qrels = ctx.data.qrels[split]
         fused = {q: correct_with_labels(s, np.array([qrels[q].get(d, 0) > 0 for d in lists[q]]), stage.positive_margin)
                  for q, s in fused.items()}
-    log.info("scores: the teacher's mean probability on the positives of a training list, softmax at tau 1: %.3f "
-             "(lists of %.1f candidates on average)", positive_probability(fused, lists, ctx.data.qrels[split]),
-             np.mean([len(docs) for docs in lists.values()]))
+    qrels, group, tau = ctx.data.qrels[split], ctx.config.distill.group_size, ctx.config.distill.tau_ce
+    log.info("scores: how sure the teacher is (mean softmax probability on the positive): %.3f over a training list "
+             "(%.1f candidates on average) at tau 1; %.3f over a group of distill.group_size=%d at distill.tau_ce=%g",
+             positive_probability(fused, lists, qrels), np.mean([len(docs) for docs in lists.values()]),
+             positive_probability(fused, lists, qrels, tau, group), group, tau)
     if ctx.accelerator.is_main_process:
         with atomic_dir(ctx.stage_dir / "final") as staging:
             write_jsonl_atomic(staging / TEACHER_SCORES_FILE, (

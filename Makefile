@@ -7,7 +7,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench-demo bench-reference bench-quality bench-speed bench-memory clean-venv
+.PHONY: demo test bench-demo bench-reference bench-quality bench-speed bench-memory bench-scale clean-venv
 
 $(VENV)/.core: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-speed: $(VENV)/.bench
 # Peak memory of the distill step, plain against cached (distill.memory.mini_batch), one process per measurement.
 bench-memory: $(VENV)/.bench
 	$(PY) benchmarks/memory.py $(ARGS)
+
+# The data path at 10k / 100k / 1M generated passages: time and peak RSS of each step, one process per step.
+bench-scale: $(VENV)/.bench
+	$(PY) benchmarks/scale.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

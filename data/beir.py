@@ -21,7 +21,7 @@ import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import datasets
 
@@ -39,9 +39,14 @@ class BeirData:
     queries: datasets.Dataset  # columns _id, text
     qrels: dict[str, Qrels]  # split -> qrels
 
-    def passage_texts(self) -> list[str]:
-        """``title + " " + text``, stripped: the passage string every model and BM25 sees (BEIR's)."""
-        return [f"{t} {x}".strip() for t, x in zip(self.corpus["title"], self.corpus["text"])]
+    def passage_texts(self, rows: Sequence[int] | None = None) -> list[str]:
+        """``title + " " + text``, stripped: the passage string every model and BM25 sees (BEIR's).
+
+        Every passage, or those of corpus ``rows`` only (read from the memory-mapped table, so a
+        chunk of the corpus never needs the whole of it in memory).
+        """
+        columns = self.corpus if rows is None else self.corpus[[int(i) for i in rows]]
+        return [f"{t} {x}".strip() for t, x in zip(columns["title"], columns["text"])]
 
     def query_texts(self, query_ids: list[str]) -> list[str]:
         row = {qid: i for i, qid in enumerate(self.queries["_id"])}

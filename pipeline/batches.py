@@ -9,6 +9,7 @@ depend on N.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,24 +49,62 @@ class GroupBatch:
                           self.group_size, teacher)
 
 
-class TokenizedText:
-    """Token ids of every passage and of the split's queries, looked up by id.
+CHUNK = 20_000  # texts tokenised per tokenizer call
 
-    Ids are kept as int32 arrays, tokenised in chunks: a corpus of millions of passages then
-    takes a few GB per process, not the tens that Python lists of ints would.
+
+def compact_tokens(tokenizer, texts: Sequence[str], max_len: int) -> list[np.ndarray]:
+    """Token ids of each text as an int32 array, tokenised ``CHUNK`` texts at a time.
+
+    Millions of passages then take a few GB per process, not the tens that Python lists of ints would.
+    """
+    return [np.asarray(ids, dtype=np.int32) for start in range(0, len(texts), CHUNK)
+            for ids in tokenize(tokenizer, texts[start : start + CHUNK], max_len)]
+
+
+class LazyTokens(Mapping[str, np.ndarray]):
+    """Token ids of texts by id, tokenised on first use and kept: only the texts read are ever tokenised.
+
+    ``texts(rows)`` gives the texts at ``rows`` of ``ids``. ``many(keys)`` tokenises the missing ones
+    together, ``CHUNK`` per tokenizer call; a single lookup tokenises one text.
     """
 
-    CHUNK = 20_000
+    def __init__(self, tokenizer, ids: Sequence[str], texts: Callable[[Sequence[int]], list[str]], max_len: int):
+        self.row = {key: i for i, key in enumerate(ids)}
+        self.tokenizer, self.texts, self.max_len = tokenizer, texts, max_len
+        self.cache: dict[str, np.ndarray] = {}
+
+    def many(self, keys: Sequence[str]) -> list[np.ndarray]:
+        missing = [key for key in dict.fromkeys(keys) if key not in self.cache]
+        for start in range(0, len(missing), CHUNK):  # at most CHUNK texts held at once
+            part = missing[start : start + CHUNK]
+            texts = self.texts([self.row[key] for key in part])
+            self.cache.update(zip(part, compact_tokens(self.tokenizer, texts, self.max_len)))
+        return [self.cache[key] for key in keys]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.cache[key] if key in self.cache else self.many([key])[0]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.row
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.row)
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
+class TokenizedText:
+    """Token ids of the corpus passages and of the given queries, looked up by id.
+
+    Queries are tokenised up front; passages when first read (:class:`LazyTokens`), so a stage
+    holds the ids of the passages its groups and re-rankings read, not the whole corpus's.
+    """
 
     def __init__(self, tokenizer, data: BeirData, query_ids: list[str], query_max_len: int, passage_max_len: int):
         self.special = SpecialTokens.from_tokenizer(tokenizer)
-        self.passages = dict(zip(data.corpus["_id"], self._compact(tokenizer, data.passage_texts(), passage_max_len)))
-        self.queries = dict(zip(query_ids, self._compact(tokenizer, data.query_texts(query_ids), query_max_len)))
-
-    @classmethod
-    def _compact(cls, tokenizer, texts: list[str], max_len: int) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int32) for start in range(0, len(texts), cls.CHUNK)
-                for ids in tokenize(tokenizer, texts[start : start + cls.CHUNK], max_len)]
+        self.passages = LazyTokens(tokenizer, data.corpus["_id"], data.passage_texts, passage_max_len)
+        self.queries = dict(zip(query_ids, compact_tokens(tokenizer, data.query_texts(query_ids), query_max_len)))
 
 
 def check_divisible(batch_size: int, num_processes: int, key: str) -> None:
@@ -93,7 +132,7 @@ class GroupBatches:
         order = self.groups.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         groups = [self.groups.group(epoch, int(i)) for i in order]
         q_ids = [self.text.queries[g.query_id] for g in groups]
-        p_ids = [self.text.passages[p] for g in groups for p in g.passage_ids]
+        p_ids = self.text.passages.many([p for g in groups for p in g.passage_ids])
         pair_q = [q for q in q_ids for _ in range(self.groups.group_size)]
         return GroupBatch(
             queries=encoder_inputs(q_ids, self.text.special),
@@ -116,7 +155,7 @@ class PassageBatches:
     """
 
     def __init__(self, text: TokenizedText, batch_size: int, seed: int, rank: int = 0, num_processes: int = 1):
-        self.ids = [ids for ids in text.passages.values() if len(ids)]
+        self.ids = [ids for ids in text.passages.many(list(text.passages)) if len(ids)]  # every passage
         self.special, self.batch_size, self.seed = text.special, batch_size, seed
         self.rank, self.num_processes = rank, num_processes
         self.per_epoch = len(self.ids) // batch_size

@@ -2,9 +2,13 @@
 re-rank the top candidates with a cross-encoder or ColBERT.
 
 An encoder is any callable mapping a batch from :func:`data.collate.encoder_inputs` to vectors
-(B, D), one for queries and one for passages (the same callable for a shared tower); texts are tokenised once under the alignment contract and encoded longest first with
-dynamic padding, so padding waste stays small. A re-ranker is any callable scoring aligned
-(query ids, passage ids) pairs. The stages and ``run_pipeline.py evaluate`` both evaluate here.
+(B, D), one for queries and one for passages (the same callable for a shared tower); texts are
+tokenised under the alignment contract and encoded longest first with dynamic padding, so padding
+waste stays small. The corpus streams through in chunks of ``eval.encode_chunk`` texts: one pass
+keeps only each text's length (for the order), a second tokenises and encodes a chunk of that
+order at a time into one preallocated array, so memory grows with N x D, never with N x tokens,
+and the vectors equal those of a single chunk bit for bit. A re-ranker is any callable scoring
+aligned (query ids, passage ids) pairs. The stages and ``run_pipeline.py evaluate`` both evaluate here.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from tqdm.auto import tqdm
 from data.beir import BeirData
 from data.bm25 import BM25Config, BM25Index
 from data.collate import SpecialTokens, cross_inputs, encoder_inputs, tokenize
-from data.fields import bounded, file_name
+from data.fields import bounded, file_name, one_of
 from pipeline.distributed import broadcast_object, gather_objects, gather_rows, world
 from pipeline.faiss_index import IndexConfig, build_index, search
 from pipeline.metrics import Ranking, evaluate_ranking, query_metrics, ranking_from_arrays
 
 Encoder = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 PairScorer = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], torch.Tensor]  # (q ids, p ids) -> (N,)
+TextRows = Callable[[Sequence[int]], list[str]]  # rows -> the texts at those rows
+VECTOR_DTYPES = ("float32", "float16")
 PER_QUERY = "ndcg@10 per query"  # {query id: nDCG@10}, kept with each model's metrics for paired tests
 
 
@@ -41,10 +47,73 @@ class EvalConfig:
     top_k: int = bounded(1000, ge=1)
     # Candidates per query that a re-ranker (ColBERT, cross-encoder) scores.
     rerank_depth: int = bounded(100, ge=1, note="at most top_k")
+    # Texts tokenised and encoded at a time (rounded down to whole batches, at least one). The vectors
+    # do not depend on it, so it is in no stage hash.
+    encode_chunk: int = bounded(10_000, ge=1, note="texts; rounded down to whole batches")
+    # How the corpus vectors are held until indexed: float16 halves them; FAISS still indexes float32.
+    vectors_dtype: str = one_of("float32", VECTOR_DTYPES)
     index: IndexConfig = IndexConfig()
 
 
+def token_lengths(tokenizer, texts: TextRows, count: int, max_len: int, chunk: int) -> np.ndarray:
+    """Content tokens (N,) int32 of each of ``count`` texts, tokenised ``chunk`` at a time.
+
+    Under N processes each process tokenises a contiguous N-th of the texts and all receive every length.
+    """
+    rank, size = world()
+    bounds = [count * r // size for r in range(size + 1)]  # this process's rows: bounds[rank] to bounds[rank + 1]
+    lengths = [np.array([len(ids) for ids in tokenize(tokenizer, texts(range(s, min(s + chunk, bounds[rank + 1]))),
+                                                      max_len)], dtype=np.int32)
+               for s in range(bounds[rank], bounds[rank + 1], chunk)]
+    mine = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)
+    return np.concatenate(gather_objects(mine)) if size > 1 else mine
+
+
 @torch.inference_mode()
+def encode_rows(
+    encoder: Encoder,
+    lengths: np.ndarray,
+    token_ids: Callable[[np.ndarray], Sequence[Sequence[int]]],
+    special: SpecialTokens,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+    chunk: int | None = None,
+    dtype: str = "float32",
+) -> np.ndarray:
+    """Vectors (N, D) of N texts of ``lengths`` content tokens, in input order, longest first internally.
+
+    ``token_ids(rows)`` gives the ids of the texts at ``rows``; it is asked for ``chunk`` texts at a
+    time (rounded down to whole batches; None: all at once), whose vectors go straight into the
+    (N, D) array of ``dtype``. Batches do not depend on ``chunk``, so neither do the vectors.
+    Under N processes each process encodes every N-th text of the length order (so the work is
+    balanced) and every process returns all N vectors; call it on every process.
+    """
+    rank, size = world()
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    mine = order[rank::size]
+    per_process = -(-len(order) // size)  # rows of rank 0, the most: every process takes as many chunk steps
+    step = max(1, per_process if chunk is None else max(1, chunk // batch_size) * batch_size)
+    hidden = None if desc is not None and rank == 0 else True  # None: a bar on a terminal only
+    out = None
+    with tqdm(total=len(mine), desc=desc, disable=hidden, leave=False) as bar:
+        for start in range(0, max(per_process, 1), step):
+            rows = mine[start : start + step]
+            ids = token_ids(rows) if len(rows) else []
+            vectors = []
+            for b in range(0, len(rows), batch_size):
+                batch = encoder_inputs(ids[b : b + batch_size], special)
+                vectors.append(encoder({k: v.to(device) for k, v in batch.items()}).float())
+                bar.update(len(batch["lengths"]))
+            vectors = torch.cat(vectors) if vectors else torch.zeros(0, 0, device=device)  # (len(rows), D)
+            parts = gather_rows(vectors) if size > 1 else [vectors.cpu()]
+            if out is None:
+                out = np.empty((len(order), max(part.shape[1] for part in parts)), dtype=dtype)
+            for r, part in enumerate(parts):
+                out[order[r::size][start : start + step]] = part.numpy()
+    return out
+
+
 def encode(
     encoder: Encoder,
     ids: Sequence[Sequence[int]],
@@ -53,26 +122,31 @@ def encode(
     device: torch.device | str = "cpu",
     desc: str | None = None,
 ) -> np.ndarray:
-    """Vectors (N, D) float32 of pre-tokenised texts, in input order, longest texts first internally.
+    """Vectors (N, D) float32 of pre-tokenised texts, in input order (:func:`encode_rows` in one chunk)."""
+    lengths = np.array([len(row) for row in ids], dtype=np.int64)
+    return encode_rows(encoder, lengths, lambda rows: [ids[i] for i in rows], special, batch_size, device, desc)
 
-    Under N processes each process encodes every N-th text of the length order (so the work is
-    balanced) and every process returns all N vectors; call it on every process.
+
+def encode_texts(
+    encoder: Encoder,
+    tokenizer,
+    texts: TextRows,
+    count: int,
+    max_len: int,
+    batch_size: int,
+    chunk: int,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+    dtype: str = "float32",
+) -> np.ndarray:
+    """Vectors (N, D) of ``count`` texts, ``texts(rows)`` giving those at ``rows``, streamed ``chunk`` at a time.
+
+    Each text is tokenised twice (once for the length order, once to encode it), so no more
+    than ``chunk`` texts' token ids are ever held. Call it on every process.
     """
-    rank, size = world()
-    order = np.argsort([-len(row) for row in ids], kind="stable")
-    mine = order[rank::size]
-    chunks = []
-    hidden = None if desc is not None and rank == 0 else True  # None: a bar on a terminal only
-    for start in tqdm(range(0, len(mine), batch_size), desc=desc, disable=hidden, leave=False):
-        batch = encoder_inputs([ids[i] for i in mine[start : start + batch_size]], special)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        chunks.append(encoder(batch).float())
-    vectors = torch.cat(chunks) if chunks else torch.zeros(0, 0, device=device)  # (len(mine), D)
-    parts = gather_rows(vectors) if size > 1 else [vectors.cpu()]
-    out = np.empty((len(ids), parts[0].shape[1]), dtype=np.float32)
-    for r, part in enumerate(parts):
-        out[order[r::size]] = part.numpy()
-    return out
+    lengths = token_lengths(tokenizer, texts, count, max_len, chunk)
+    return encode_rows(encoder, lengths, lambda rows: tokenize(tokenizer, texts(rows), max_len),
+                       SpecialTokens.from_tokenizer(tokenizer), batch_size, device, desc, chunk, dtype)
 
 
 def dense_search(
@@ -84,24 +158,24 @@ def dense_search(
     config: EvalConfig,
     device: torch.device | str = "cpu",
     show_progress: bool = False,
-    passage_ids: Sequence[Sequence[int]] | None = None,
 ) -> Ranking:
     """Encode corpus and queries, index the corpus, return each query's top ``config.top_k``.
 
     Under N processes the encoding is split over them, the main process builds the index and
-    searches, and every process receives the ranking: call it on every process. ``passage_ids``:
-    the corpus already tokenised at ``config.passage_max_len``, in corpus order.
+    searches, and every process receives the ranking: call it on every process.
     """
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    if passage_ids is None:
-        passage_ids = tokenize(tokenizer, data.passage_texts(), config.passage_max_len)
-    query_token_ids = tokenize(tokenizer, data.query_texts(list(query_ids)), config.query_max_len)
+    query_texts = data.query_texts(list(query_ids))
     progress = (lambda name: name) if show_progress else (lambda name: None)
-    p_reps = encode(passage_encoder, passage_ids, special, config.batch_size, device, progress("encode corpus"))
-    q_reps = encode(query_encoder, query_token_ids, special, config.batch_size, device, progress("encode queries"))
+    shared = dict(tokenizer=tokenizer, batch_size=config.batch_size, chunk=config.encode_chunk, device=device)
+    p_reps = encode_texts(passage_encoder, texts=data.passage_texts, count=len(data.corpus),
+                          max_len=config.passage_max_len, desc=progress("encode corpus"), dtype=config.vectors_dtype,
+                          **shared)
+    q_reps = encode_texts(query_encoder, texts=lambda rows: [query_texts[i] for i in rows], count=len(query_texts),
+                          max_len=config.query_max_len, desc=progress("encode queries"), **shared)
     ranking = None
     if world()[0] == 0:
         index = build_index(p_reps, config.index)
+        del p_reps  # the index holds its own copy
         scores, indices = search(index, q_reps, config.top_k)
         ranking = ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
     return broadcast_object(ranking)

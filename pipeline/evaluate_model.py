@@ -205,9 +205,9 @@ def _token_ids(tokenizer, data: BeirData, ranking: Ranking, config) -> tuple[dic
     query_ids = list(ranking)
     doc_ids = sorted({d for docs in ranking.values() for d in docs[: config.rerank_depth]})
     row = {d: i for i, d in enumerate(data.corpus["_id"])}
-    texts = data.passage_texts()
     queries = dict(zip(query_ids, tokenize(tokenizer, data.query_texts(query_ids), config.query_max_len)))
-    passages = dict(zip(doc_ids, tokenize(tokenizer, [texts[row[d]] for d in doc_ids], config.passage_max_len)))
+    passages = dict(zip(doc_ids, tokenize(tokenizer, data.passage_texts([row[d] for d in doc_ids]),
+                                          config.passage_max_len)))
     return queries, passages
 
 

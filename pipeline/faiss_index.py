@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import faiss
@@ -11,6 +12,8 @@ import numpy as np
 from data.fields import bounded, one_of
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
+ADD_ROWS = 65_536  # rows of float16 vectors converted to float32 at a time
+MAX_POINTS_PER_LIST = 256  # FAISS's k-means default: training points kept per list
 
 
 @dataclass(frozen=True)
@@ -26,14 +29,36 @@ class IndexConfig:
     ivf_nprobe: int = bounded(32, ge=1)
 
 
+def float32_blocks(p_reps: np.ndarray, rows: int = ADD_ROWS) -> Iterator[np.ndarray]:
+    """``p_reps`` as FAISS takes it: float32 whole (no copy), another dtype converted ``rows`` at a time.
+
+    >>> [b.dtype.name for b in float32_blocks(np.zeros((5, 2), np.float16), rows=2)]
+    ['float32', 'float32', 'float32']
+    """
+    if p_reps.dtype == np.float32:
+        yield np.ascontiguousarray(p_reps)
+        return
+    for start in range(0, len(p_reps), rows):
+        yield np.ascontiguousarray(p_reps[start : start + rows], dtype=np.float32)
+
+
+def ivf_training_rows(p_reps: np.ndarray, nlist: int) -> np.ndarray:
+    """What IVF's k-means trains on: float32 as it is (FAISS samples 256 rows per list itself), else such a sample."""
+    if p_reps.dtype == np.float32:
+        return np.ascontiguousarray(p_reps)
+    rows = np.arange(len(p_reps))
+    if len(p_reps) > MAX_POINTS_PER_LIST * nlist:
+        rows = np.sort(np.random.default_rng(0).choice(len(p_reps), MAX_POINTS_PER_LIST * nlist, replace=False))
+    return np.ascontiguousarray(p_reps[rows], dtype=np.float32)
+
+
 def build_index(p_reps: np.ndarray, config: IndexConfig = IndexConfig()) -> faiss.Index:
-    """Index passage vectors (P, D) float32 for inner-product search.
+    """Index passage vectors (P, D) for inner-product search; float16 vectors are added as float32 in blocks.
 
     >>> index = build_index(np.eye(3, dtype=np.float32))
     >>> index.ntotal
     3
     """
-    p_reps = np.ascontiguousarray(p_reps, dtype=np.float32)
     dim = p_reps.shape[1]
     if config.kind == "flat":
         index = faiss.IndexFlatIP(dim)
@@ -45,11 +70,12 @@ def build_index(p_reps: np.ndarray, config: IndexConfig = IndexConfig()) -> fais
         # FAISS wants at least 39 training points per list.
         nlist = config.ivf_nlist or max(1, min(int(4 * math.sqrt(len(p_reps))), len(p_reps) // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(p_reps)
+        index.train(ivf_training_rows(p_reps, nlist))
         index.nprobe = min(config.ivf_nprobe, nlist)
     else:
         raise ValueError(f"unknown index kind {config.kind!r} (expected one of {', '.join(INDEX_KINDS)})")
-    index.add(p_reps)
+    for block in float32_blocks(p_reps):
+        index.add(block)
     return index
 
 

@@ -30,6 +30,7 @@ from pipeline.train import latest_checkpoint
 SOURCE_PACKAGES = ("data", "models", "losses", "pipeline")
 DETERMINISTIC_STAGES = ("scores",)  # no randomness: every seed shares them
 SHARED_SECTIONS = ("data", "model", "negatives", "eval")  # config sections every stage depends on
+UNHASHED = {"eval": ("encode_chunk",)}  # settings of those sections that no result depends on
 _EXPLAINED = {
     "code": "the pipeline's source changed (data/, models/, losses/, pipeline/)",  # see changed_settings
     "data_files": "the data files changed (their content)",
@@ -172,9 +173,13 @@ def _required(upstream: str | None, kind: str, name: str, why: str) -> str:
 
 def base_key(config: PipelineConfig, data_dir: Path, model_path: str) -> dict:
     """What every stage of a run depends on: code, data and model files, precision, and the shared config sections."""
+    sections = {k: to_dict(config)[k] for k in SHARED_SECTIONS}
+    for section, keys in UNHASHED.items():
+        for key in keys:
+            del sections[section][key]
     return {"code": code_digest(), "data_files": fingerprint(data_dir), "model_path": model_path,
             "model_files": fingerprint(Path(model_path)), "run": {"mixed_precision": config.run.mixed_precision},
-            **{k: to_dict(config)[k] for k in SHARED_SECTIONS}}
+            **sections}
 
 
 def negatives_file(config: PipelineConfig, data_dir: Path) -> Path:

@@ -56,16 +56,11 @@ class StageContext:
 
     @cached_property
     def text(self) -> TokenizedText:
-        """Every passage and the judged queries of the training and evaluation splits, tokenised once."""
+        """The judged queries of the training and evaluation splits, and passages when first read, tokenised once."""
         splits = (self.config.data.train_split, self.config.eval.split)
         query_ids = sorted({q for split in splits for q in self.data.judged_queries(split)})
         return TokenizedText(self.tokenizer, self.data, query_ids,
                              self.config.eval.query_max_len, self.config.eval.passage_max_len)
-
-    @property
-    def corpus_ids(self) -> list:
-        """Token ids of every passage, in corpus order (``text`` holds them under the eval lengths)."""
-        return list(self.text.passages.values())
 
 
 def evaluate_dual_encoder(ctx: StageContext, model) -> tuple[dict[str, float], Ranking]:
@@ -73,7 +68,7 @@ def evaluate_dual_encoder(ctx: StageContext, model) -> tuple[dict[str, float], R
     query_ids = ctx.data.judged_queries(ctx.config.eval.split)
     with ctx.accelerator.autocast():  # run.mixed_precision applies to evaluation too
         ranking = dense_search(model.encode_queries, model.encode_passages, ctx.tokenizer, ctx.data, query_ids,
-                               ctx.config.eval, device=ctx.device, passage_ids=ctx.corpus_ids)
+                               ctx.config.eval, device=ctx.device)
     return ranking_metrics(ctx, ranking), ranking
 
 
@@ -84,6 +79,8 @@ def ranking_metrics(ctx: StageContext, ranking: Ranking) -> dict:
 
 def rerank(ctx: StageContext, candidates: Ranking, score_pairs) -> dict[str, float]:
     """Metrics of each query's top ``eval.rerank_depth`` candidates re-ranked by ``score_pairs(q_ids, p_ids) -> (N,)``."""
+    depth = ctx.config.eval.rerank_depth
+    ctx.text.passages.many([d for docs in candidates.values() for d in docs[:depth]])  # tokenised together
     ranking = evaluate.rerank(candidates, score_pairs, ctx.text.queries, ctx.text.passages, ctx.config.eval.rerank_depth,
                               ctx.config.eval.batch_size, ctx.accelerator.autocast)
     return evaluate.reranked_metrics(ctx.data.qrels[ctx.config.eval.split], ranking)

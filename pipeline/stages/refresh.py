@@ -25,8 +25,7 @@ def run_refresh(ctx: StageContext, stage: RefreshConfig) -> dict[str, dict[str, 
     def search(qids, k):
         with ctx.accelerator.autocast():
             return dense_search(model.encode_queries, model.encode_passages, ctx.tokenizer, ctx.data, qids,
-                                dataclasses.replace(config.eval, top_k=k), device=ctx.device,
-                                passage_ids=ctx.corpus_ids)
+                                dataclasses.replace(config.eval, top_k=k), device=ctx.device)
 
     mined = mine_negatives(ctx.data.qrels[split], query_ids, search, stage.depth, stage.skip_top)
     if ctx.accelerator.is_main_process:

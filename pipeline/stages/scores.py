@@ -151,9 +151,9 @@ class HybridTeacher:
     def passage_ids(self, doc_ids: list[str]) -> list:
         """Token ids of passages at the teacher's length (the stage's cache when it is the eval length)."""
         if self.passage_max_len == self.ctx.config.eval.passage_max_len:
-            return [self.ctx.text.passages[d] for d in doc_ids]
-        texts = self.ctx.data.passage_texts()
-        return tokenize(self.ctx.tokenizer, [texts[self.row[d]] for d in doc_ids], self.passage_max_len)
+            return self.ctx.text.passages.many(doc_ids)
+        return tokenize(self.ctx.tokenizer, self.ctx.data.passage_texts([self.row[d] for d in doc_ids]),
+                        self.passage_max_len)
 
     def dense_scores(self, name: str, index: int, lists: dict[str, list[str]]) -> dict[str, np.ndarray]:
         """``{query id: dot products with its list}`` of model ``index`` of component ``name``."""

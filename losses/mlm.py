@@ -63,8 +63,8 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ``L = -1/|M| sum_{(b, t) in M} log softmax(logits_bt)[labels_bt]``; 0 when nothing is picked.
 
     Args:
-        logits: (B, T, V) MLM head outputs.
-        labels: (B, T) long, target ids at picked positions, -100 elsewhere.
+        logits: (..., V) MLM head outputs: (B, T, V) at every position, or (M, V) at picked ones.
+        labels: (...) long, target ids at picked positions, -100 elsewhere.
 
     Returns:
         scalar loss.
@@ -74,6 +74,6 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     tensor(1.3863)
     """
     total = F.cross_entropy(
-        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return total / (labels != IGNORE_INDEX).sum().clamp_min(1)

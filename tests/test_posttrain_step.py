@@ -11,7 +11,7 @@ from losses import infonce_loss, mask_random_span, mask_tokens, mlm_loss
 from models.dual_encoder import pool
 from models.encoder import model_inputs
 from pipeline.stages.configs import PosttrainConfig
-from pipeline.stages.posttrain import PostTrainer, _special_mask, posttrain_terms
+from pipeline.stages.posttrain import PostTrainer, _special_mask, mlm_head, posttrain_terms
 
 VOCAB, MASK = 40, 3
 
@@ -69,6 +69,45 @@ def test_terms_equal_the_pre_refactor_step(stage):
     torch.manual_seed(1)
     expected = reference_step(trainer, batch, seed=7)
     assert list(terms) == list(expected) == [name for name in ("mlm", "simcse", "mirror") if getattr(stage, name)]
-    for name in expected:
-        torch.testing.assert_close(terms[name], expected[name], rtol=0, atol=0, msg=name)
+    for name in expected:  # MLM: the head runs on the picked rows alone, a matrix product of other shape
+        tolerance = 1e-6 if name == "mlm" else 0
+        torch.testing.assert_close(terms[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
     assert (out.mlm_logits is None) == (not stage.mlm) and (out.simcse_reps is None) == (not stage.simcse)
+
+
+def test_mlm_logits_at_the_picked_positions_only_give_the_full_forwards_loss_and_gradients():
+    """The head applied to the ~15% masked rows: same loss and gradients as logits at every position."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=24)
+    trainer = PostTrainer(BertForMaskedLM(config), PosttrainConfig(mlm_probability=0.3), Vocabulary(),
+                          pooling="mean").eval()
+    g = torch.Generator().manual_seed(0)
+    batch = encoder_inputs([torch.randint(4, VOCAB, (n,), generator=g).tolist() for n in (9, 4, 12, 6)],
+                           SpecialTokens(cls=1, sep=2, pad=0))
+    out = trainer(batch, seed=3)
+    assert out.mlm_logits.shape == (out.mlm_labels.numel(), VOCAB) and (out.mlm_labels != -100).all()
+    assert 0 < out.mlm_labels.numel() < int(batch["lengths"].sum())
+    picked = posttrain_terms(out, trainer.stage)["mlm"]
+    picked_grads = torch.autograd.grad(picked, list(trainer.parameters()), allow_unused=True)
+
+    special = _special_mask(batch)
+    generator = torch.Generator().manual_seed(3)
+    masked, labels = mask_tokens(batch["input_ids"], special, VOCAB, MASK, generator, mlm_probability=0.3)
+    full = mlm_loss(trainer.model(**model_inputs(trainer.model, {**batch, "input_ids": masked})).logits, labels)
+    full_grads = torch.autograd.grad(full, list(trainer.parameters()), allow_unused=True)
+    torch.testing.assert_close(picked, full, rtol=1e-6, atol=1e-6)
+    for a, b in zip(picked_grads, full_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_head_it_does_not_know_gets_logits_at_every_position():
+    class Unknown(torch.nn.Module):
+        pass
+
+    assert mlm_head(Unknown()) is None
+    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=24)
+    assert mlm_head(BertForMaskedLM(config)) is not None

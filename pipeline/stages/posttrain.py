@@ -32,11 +32,27 @@ def _special_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class PostTrainOutput:
     """What the post-training terms read; None where no term needs it."""
 
-    mlm_logits: torch.Tensor | None = None  # (B, T, V) on the masked inputs
-    mlm_labels: torch.Tensor | None = None  # (B, T) original ids at masked positions, -100 elsewhere
+    # On the masked inputs: (M, V) and (M,) at the M picked positions when the head is known
+    # (``mlm_head``), else (B, T, V) and (B, T) with -100 where nothing was picked.
+    mlm_logits: torch.Tensor | None = None
+    mlm_labels: torch.Tensor | None = None
     reps: torch.Tensor | None = None  # (B, H) pooled view 1 (dropout)
     simcse_reps: torch.Tensor | None = None  # (B, H) view 2: independent dropout
     mirror_reps: torch.Tensor | None = None  # (B, H) view 2: dropout and a masked span
+
+
+def mlm_head(model: nn.Module) -> nn.Module | None:
+    """The masked LM's head when its logits are ``head(base_model(...).last_hidden_state)``, else None.
+
+    BERT-family models keep it as ``cls``, RoBERTa, XLM-R and MPNet as ``lm_head``; applying it to
+    the picked positions alone skips the vocabulary projection (V x H per token) at the other 85%.
+    Other architectures fall back to the model's own forward at every position.
+    """
+    for name in ("cls", "lm_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
 
 
 class PostTrainer(nn.Module):
@@ -55,7 +71,14 @@ class PostTrainer(nn.Module):
         if stage.mlm:
             masked, out.mlm_labels = mask_tokens(batch["input_ids"], special, self.vocab_size, self.mask_id,
                                                  generator, mlm_probability=stage.mlm_probability)
-            out.mlm_logits = model(**model_inputs(model, {**batch, "input_ids": masked})).logits  # (B, T, V)
+            head = mlm_head(model)
+            if head is None:
+                out.mlm_logits = model(**model_inputs(model, {**batch, "input_ids": masked})).logits  # (B, T, V)
+            else:  # the vocabulary projection at the ~15% picked positions only: the same logits there
+                encoder = model.base_model
+                hidden = encoder(**model_inputs(encoder, {**batch, "input_ids": masked})).last_hidden_state
+                picked = out.mlm_labels != -100  # (B, T)
+                out.mlm_logits, out.mlm_labels = head(hidden[picked]), out.mlm_labels[picked]  # (M, V), (M,)
         if stage.simcse or stage.mirror:
             encoder = model.base_model
 

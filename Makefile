@@ -7,7 +7,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench-demo bench-reference bench-quality bench-speed bench-memory bench-scale clean-venv
+.PHONY: demo test bench-demo bench-reference bench-quality bench-posttrain bench-speed bench-memory bench-scale clean-venv
 
 $(VENV)/.core: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench-reference: $(VENV)/.bench
 # SciFact quality, every row in one run: --config gpu on a CUDA machine (default there), cpu elsewhere.
 bench-quality: $(VENV)/.bench
 	$(PY) benchmarks/quality_scifact.py $(ARGS)
+
+# SciFact post-training (MLM, SimCSE, Mirror-BERT) and pooling rows at CPU budget (about 70 minutes on 2 cores).
+bench-posttrain: $(VENV)/.bench
+	$(PY) benchmarks/posttrain_scifact.py $(ARGS)
 
 # Speed against sentence-transformers: --config gpu on a CUDA machine (default there), cpu elsewhere.
 bench-speed: $(VENV)/.bench

@@ -44,7 +44,9 @@ More seeds of one experiment, into their own file, on the same run folder (seed 
 Budget on 2 idle cores (planned from earlier measurements on this machine: a warmup epoch ~4.6
 min, an evaluation of the 5,183-passage corpus ~1.1 min; a post-training step measured against
 an encoder forward + backward of 32 x 128 tokens, E ~3 s: the MLM head over the vocabulary at
-every position costs ~1.3 E more, a second view E):
+every position cost ~1.3 E more when this plan was made, a second view E; since f019045 the head
+runs on the masked positions only, so the MLM rows should cost less than planned here. Not yet
+run at full size: the plan is an estimate, and an evaluation may take nearer 3 minutes than 1):
 
     BM25, inputs, model loading, checkpoints                               ~2 min
     2 zero-shot evaluations of the starting encoder (mean, CLS)            ~2 min

@@ -29,7 +29,7 @@ demo: $(VENV)/.core
 test: $(VENV)/.dev
 	$(PY) -m pytest -p no:cacheprovider -q --doctest-modules data models losses pipeline tests
 
-# The README's demo table: the demo and its contrastive-only variant in a fresh folder, with the machine.
+# The README's demo table: the demo, its contrastive-only variant and the demo without posttrain, in a fresh folder.
 bench-demo: $(VENV)/.core
 	$(PY) benchmarks/demo_table.py $(ARGS)
 

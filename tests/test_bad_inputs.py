@@ -202,7 +202,7 @@ CASES = {
     "re-ranking deeper than retrieved": (plain("eval.top_k=50"), "eval.rerank_depth: 100 is more than eval.top_k (50)"),
     "stage twice": (plain("run.stages=posttrain,posttrain"), "run.stages: stage 'posttrain' is listed twice"),
     "every distill term off": (plain(*OFF_ALL), "distill.weights: every term is 0, so the stage would not train"),
-    "every posttrain term off": (plain("posttrain.mlm=0"), "posttrain: every loss weight (mlm, simcse, mirror) is 0"),
+    "every posttrain term off": (plain("posttrain.mlm=0", "posttrain.mirror=0"), "posttrain: every loss weight (mlm, simcse, mirror) is 0"),
     "distill group of one": (plain("distill.group_size=1"), "distill.group_size: 1 leaves no negative in a group"),
     "demo heads do not divide": (plain("demo.num_heads=3"), "demo.hidden_size: 64 must be a multiple of demo.num_heads (3)"),
     "cached teacher without scores": (plain("distill.teacher=scores", "distill.weights.ce=0", "distill.weights.attn=0"),

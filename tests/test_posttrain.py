@@ -106,7 +106,8 @@ def test_a_checkpoint_with_mlm_head_keeps_it(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize("term", ["simcse", "mirror"])
 def test_simcse_or_mirror_alone_trains_the_encoder_with_mlm_off(tmp_path, monkeypatch, tiny_tokenizer, term):
     save_checkpoint(tmp_path / "encoder", tiny_tokenizer, with_head=False)
-    seen = run_stage(tmp_path, monkeypatch, tmp_path / "encoder", "posttrain.mlm=0", f"posttrain.{term}=1")
+    seen = run_stage(tmp_path, monkeypatch, tmp_path / "encoder", "posttrain.mlm=0", "posttrain.mirror=0",
+                     f"posttrain.{term}=1")
 
     log = [json.loads(line) for line in (seen["stage_dir"] / "train_log.jsonl").read_text().splitlines()]
     assert log and all(set(row) & {"mlm", "simcse", "mirror"} == {term} for row in log)

@@ -360,7 +360,7 @@ def _terms(name: str, section) -> str:
 
     >>> from pipeline.stages.configs import DistillConfig, PosttrainConfig
     >>> _terms("posttrain", PosttrainConfig())
-    'mlm 1'
+    'mlm 1, mirror 1'
     >>> _terms("warmup", DistillConfig())
     'ce 1, col 1, de 1, kl_ce_col 1, kl_col_de 1, kl_ce_de 1, attn 1, dualreg 1; tau_de 0.05, tau_col 1, tau_ce 1, tau_attn 1'
     """

@@ -40,7 +40,7 @@ bench-reference: $(VENV)/.bench
 bench-quality: $(VENV)/.bench
 	$(PY) benchmarks/quality_scifact.py $(ARGS)
 
-# SciFact post-training (MLM, SimCSE, Mirror-BERT) and pooling rows at CPU budget (about 70 minutes on 2 cores).
+# SciFact post-training (MLM, SimCSE, Mirror-BERT) and pooling rows at CPU budget (planned ~70 minutes on 2 cores; not yet run at full size).
 bench-posttrain: $(VENV)/.bench
 	$(PY) benchmarks/posttrain_scifact.py $(ARGS)
 

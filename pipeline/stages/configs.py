@@ -27,7 +27,7 @@ class PosttrainConfig:
     # Mirror-BERT on by default: MLM alone trains no similarity, and mean-pooled MLM states rank
     # poorly (the anisotropy SimCSE and Mirror-BERT set out to fix). On the demo, one epoch of MLM
     # alone took the random model's zero-shot dual-encoder from nDCG@10 0.048 to 0.042, MLM +
-    # Mirror-BERT to 0.053; three or five epochs made either worse (README, "Two commands").
+    # Mirror-BERT to 0.053; three or five epochs made either worse (README, "Post-training on the demo").
     mirror: float = bounded(1.0, ge=0)
     mlm_probability: float = bounded(0.15, gt=0, le=1)
     simcse_tau: float = bounded(0.05, gt=0)

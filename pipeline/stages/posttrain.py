@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForMaskedLM
 
-from losses import infonce_loss, mask_random_span, mask_tokens, mlm_loss
+from losses import IGNORE_INDEX, infonce_loss, mask_random_span, mask_tokens, mlm_loss
 from models.dual_encoder import DualEncoder, pool
 from models.encoder import model_inputs
 from pipeline.batches import PassageBatches
@@ -33,7 +33,7 @@ class PostTrainOutput:
     """What the post-training terms read; None where no term needs it."""
 
     # On the masked inputs: (M, V) and (M,) at the M picked positions when the head is known
-    # (``mlm_head``), else (B, T, V) and (B, T) with -100 where nothing was picked.
+    # (``mlm_head``), else (B, T, V) and (B, T) with IGNORE_INDEX where nothing was picked.
     mlm_logits: torch.Tensor | None = None
     mlm_labels: torch.Tensor | None = None
     reps: torch.Tensor | None = None  # (B, H) pooled view 1 (dropout)
@@ -77,7 +77,7 @@ class PostTrainer(nn.Module):
             else:  # the vocabulary projection at the ~15% picked positions only: the same logits there
                 encoder = model.base_model
                 hidden = encoder(**model_inputs(encoder, {**batch, "input_ids": masked})).last_hidden_state
-                picked = out.mlm_labels != -100  # (B, T)
+                picked = out.mlm_labels != IGNORE_INDEX  # (B, T)
                 out.mlm_logits, out.mlm_labels = head(hidden[picked]), out.mlm_labels[picked]  # (M, V), (M,)
         if stage.simcse or stage.mirror:
             encoder = model.base_model

@@ -5,7 +5,7 @@ from losses.contrastive import candidate_scores, contrastive_loss, positive_labe
 from losses.dualreg import dualreg_loss, symmetric_kl
 from losses.infonce import infonce_loss
 from losses.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
-from losses.score_kl import kl_rows, masked_log_softmax, score_kl
+from losses.score_kl import decoupled_kl_rows, kl_rows, masked_log_softmax, score_kl
 from losses.span_mask import mask_random_span
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "attention_kl",
     "candidate_scores",
     "contrastive_loss",
+    "decoupled_kl_rows",
     "dualreg_loss",
     "infonce_loss",
     "kl_rows",

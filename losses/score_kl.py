@@ -41,6 +41,49 @@ def kl_rows(
     return terms.sum(dim=-1)
 
 
+def decoupled_kl_rows(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The KL over a list whose column 0 is the positive, split into its two parts (DKD).
+
+    ``KL(P_t || P_s) = TCKD + (1 - p_t) NCKD``: ``TCKD`` is the binary KL between
+    ``(p, 1 - p)`` of teacher and student, ``p`` the positive's probability; ``NCKD`` the KL
+    between their distributions over the negatives alone (renormalised). A teacher sure of the
+    positive (``p_t`` near 1) leaves the negatives' order almost no weight in the plain KL.
+
+    Args:
+        teacher_logits, student_logits: (Q, C) scores already divided by their temperatures.
+        mask: (Q, C) bool, True on valid candidates (column 0 always valid), or None.
+
+    Returns:
+        (Q,) TCKD, (Q,) NCKD (0 for a row without a valid negative), (Q,) teacher ``p_t``.
+
+    Reference: Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022.
+
+    >>> t, s = torch.tensor([[3.0, 1.0, 0.0]]), torch.tensor([[1.0, 0.0, 1.0]])
+    >>> tckd, nckd, p = decoupled_kl_rows(t, s)
+    >>> plain = kl_rows(t.log_softmax(-1), s.log_softmax(-1))
+    >>> torch.allclose(tckd + (1 - p) * nckd, plain)
+    True
+    """
+    teacher_logp = masked_log_softmax(teacher_logits, mask)  # (Q, C)
+    student_logp = masked_log_softmax(student_logits, mask)  # (Q, C)
+    neg_mask = mask[:, 1:] if mask is not None else torch.ones_like(teacher_logits[:, 1:], dtype=torch.bool)  # (Q, C-1)
+    has_negative = neg_mask.any(dim=-1)  # (Q,)
+
+    def rest(logp: torch.Tensor) -> torch.Tensor:  # (Q,) log(1 - p), the negatives' log-mass: stable near p = 1
+        # The finite minimum, not -inf: a row without a negative must not put NaN into the gradient.
+        masked = logp[:, 1:].masked_fill(~neg_mask, torch.finfo(logp.dtype).min)
+        return masked.logsumexp(dim=-1).masked_fill(~has_negative, 0.0)
+
+    p_teacher = teacher_logp[:, 0].exp()  # (Q,)
+    tckd = (p_teacher * (teacher_logp[:, 0] - student_logp[:, 0])
+            + (1 - p_teacher) * (rest(teacher_logp) - rest(student_logp)))  # (Q,)
+    nckd = kl_rows(masked_log_softmax(teacher_logits[:, 1:], neg_mask),
+                   masked_log_softmax(student_logits[:, 1:], neg_mask), neg_mask)  # (Q,)
+    return tckd, nckd.masked_fill(~has_negative, 0.0), p_teacher
+
+
 def score_kl(
     teacher_scores: torch.Tensor,
     student_scores: torch.Tensor,
@@ -49,6 +92,7 @@ def score_kl(
     mask: torch.Tensor | None = None,
     detach_teacher: bool = True,
     scale_by_temperature: bool = False,
+    negatives_weight: float = 0.0,
 ) -> torch.Tensor:
     """KL divergence from the teacher's to the student's distribution over the candidates.
 
@@ -73,6 +117,9 @@ def score_kl(
             counts in the mean over Q.
         detach_teacher: stop gradients into the teacher (default); False trains both sides.
         scale_by_temperature: multiply by ``tau_teacher * tau_student``.
+        negatives_weight: 0 for the plain KL; ``beta > 0`` for the decoupled KL
+            ``TCKD + beta NCKD`` (``decoupled_kl_rows``; column 0 must be the positive), which
+            gives the teacher's order of the negatives a weight of its own instead of ``1 - p_t``.
 
     Returns:
         scalar loss, >= 0, zero when both distributions agree.
@@ -90,6 +137,10 @@ def score_kl(
     """
     if detach_teacher:
         teacher_scores = teacher_scores.detach()
+    if negatives_weight:
+        tckd, nckd, _ = decoupled_kl_rows(teacher_scores / tau_teacher, student_scores / tau_student, mask)
+        loss = (tckd + negatives_weight * nckd).sum() / teacher_scores.shape[0]
+        return loss * (tau_teacher * tau_student) if scale_by_temperature else loss
     teacher_logp = masked_log_softmax(teacher_scores / tau_teacher, mask)  # (Q, C)
     student_logp = masked_log_softmax(student_scores / tau_student, mask)  # (Q, C)
     loss = kl_rows(teacher_logp, student_logp, mask).sum() / teacher_scores.shape[0]

@@ -73,13 +73,15 @@ class LazyTokens(Mapping[str, np.ndarray]):
         self.tokenizer, self.texts, self.max_len = tokenizer, texts, max_len
         self.cache: dict[str, np.ndarray] = {}
 
-    def many(self, keys: Sequence[str]) -> list[np.ndarray]:
+    def many(self, keys: Sequence[str], keep: bool = True) -> list[np.ndarray]:
+        """The token ids of ``keys``; ``keep=False`` does not cache what it tokenises (a stream)."""
         missing = [key for key in dict.fromkeys(keys) if key not in self.cache]
+        fresh: dict[str, np.ndarray] = {}
         for start in range(0, len(missing), CHUNK):  # at most CHUNK texts held at once
             part = missing[start : start + CHUNK]
             texts = self.texts([self.row[key] for key in part])
-            self.cache.update(zip(part, compact_tokens(self.tokenizer, texts, self.max_len)))
-        return [self.cache[key] for key in keys]
+            (self.cache if keep else fresh).update(zip(part, compact_tokens(self.tokenizer, texts, self.max_len)))
+        return [self.cache[key] if key in self.cache else fresh[key] for key in keys]
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.cache[key] if key in self.cache else self.many([key])[0]
@@ -152,23 +154,29 @@ class PassageBatches:
     """Corpus passages in a seeded order per epoch, for post-training (MLM, SimCSE, Mirror-BERT).
 
     ``batch_size`` is global; each process gets its share of the rows and its own masking seed.
+    The corpus is streamed: a batch's passages are tokenised when the batch is read and not kept,
+    so memory holds the passage ids and one batch, never the tokenised corpus. A passage that
+    tokenises to nothing (after truncation) is left out of its batch.
     """
 
     def __init__(self, text: TokenizedText, batch_size: int, seed: int, rank: int = 0, num_processes: int = 1):
-        self.ids = [ids for ids in text.passages.many(list(text.passages)) if len(ids)]  # every passage
+        self.passages, self.ids = text.passages, list(text.passages)  # every passage id, in corpus order
         self.special, self.batch_size, self.seed = text.special, batch_size, seed
         self.rank, self.num_processes = rank, num_processes
         self.per_epoch = len(self.ids) // batch_size
         if self.per_epoch < 1:
             raise ValueError(f"{len(self.ids)} passages cannot fill one batch of {batch_size}")
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), drawn once per epoch
 
     def batch_at(self, epoch: int, index: int) -> tuple[dict[str, torch.Tensor], int]:
         """(encoder inputs, a seed for this batch's masking)."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
-        rows = order[index * self.batch_size : (index + 1) * self.batch_size]
-        inputs = encoder_inputs([self.ids[i] for i in rows], self.special)
+        if self._order is None or self._order[0] != epoch:
+            self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+        rows = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
+        tokens = [ids for ids in self.passages.many([self.ids[i] for i in rows], keep=False) if len(ids)]
+        inputs = encoder_inputs(tokens, self.special)
         if self.num_processes > 1:
-            share = shard_slice(len(rows), self.rank, self.num_processes)
+            share = shard_slice(len(tokens), self.rank, self.num_processes)
             inputs = {k: v[share] for k, v in inputs.items()}
         key = [self.seed, epoch, index] + ([self.rank] if self.rank else [])  # rank 0 masks as one process does
         return inputs, int(np.random.default_rng(key).integers(2**31))

@@ -69,7 +69,7 @@ def reference_step(cascade, batch, stage, weights, train_teacher):
     if use["cached"]:
         teacher_mask = torch.isfinite(batch.teacher_scores)
         ce_group = batch.teacher_scores.nan_to_num(0.0)
-    kl = dict(scale_by_temperature=stage.kl_temperature_squared)
+    kl = dict(scale_by_temperature=stage.kl_temperature_squared, negatives_weight=stage.kl_negatives)
     if weights["kl_ce_col"]:
         terms["kl_ce_col"] = score_kl(ce_group, col_group, stage.tau_ce, stage.tau_col, mask=teacher_mask, **kl)
     if weights["kl_col_de"]:

@@ -11,7 +11,7 @@ import torch
 from data.beir import load_beir
 from data.collate import SpecialTokens, encoder_inputs, tokenize
 from models.dual_encoder import DualEncoder
-from pipeline.batches import TokenizedText
+from pipeline.batches import PassageBatches, TokenizedText
 from pipeline.evaluate import EvalConfig, dense_search, encode_texts
 from pipeline.plan import base_key
 
@@ -101,6 +101,25 @@ def test_passages_are_tokenised_when_read_and_as_the_whole_corpus_would_be(demo)
     assert "no such passage" not in text.passages
     with pytest.raises(KeyError):
         text.passages["no such passage"]
+
+
+def test_post_training_streams_the_corpus_one_batch_at_a_time(demo):
+    data, _, tokenizer = demo
+    text = TokenizedText(tokenizer, data, data.judged_queries("test"), 16, 48)
+    batches = PassageBatches(text, 8, seed=3)
+    assert batches.per_epoch == len(data.corpus["_id"]) // 8
+    seen = []
+    for index in range(batches.per_epoch):
+        inputs, _ = batches.batch_at(1, index)
+        seen += [tuple(row[1 : n + 1].tolist()) for row, n in zip(inputs["input_ids"], inputs["lengths"])]
+    assert not text.passages.cache  # nothing kept: memory holds one batch, not the tokenised corpus
+    # Every passage of the epoch's seeded order exactly once, tokenised as the whole corpus would be.
+    order = np.random.default_rng([3, 1]).permutation(len(data.corpus["_id"]))[: 8 * batches.per_epoch]
+    expected = tokenize(tokenizer, data.passage_texts([int(i) for i in order]), 48)
+    assert seen == [tuple(ids) for ids in expected]
+    again, _ = batches.batch_at(1, 2)
+    assert torch.equal(again["input_ids"], batches.batch_at(1, 2)[0]["input_ids"])
+    assert not torch.equal(batches.batch_at(0, 2)[0]["input_ids"], again["input_ids"])  # a new order per epoch
 
 
 def test_the_chunk_size_is_in_no_stage_hash_and_the_vector_precision_is(demo_dirs):

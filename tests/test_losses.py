@@ -8,6 +8,7 @@ from losses import (
     attention_kl,
     candidate_scores,
     contrastive_loss,
+    decoupled_kl_rows,
     dualreg_loss,
     infonce_loss,
     kl_rows,
@@ -174,6 +175,50 @@ def test_score_kl_teacher_detached_by_default():
     assert teacher.grad is None and student.grad.abs().sum() > 0
     score_kl(teacher, student, detach_teacher=False).backward()
     assert teacher.grad is not None and teacher.grad.abs().sum() > 0
+
+
+
+def test_decoupled_kl_hand_computed_and_sums_back_to_the_plain_kl():
+    teacher, student = torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([[0.0, 0.0, 1.0]])
+    pt, ps = F.softmax(teacher, -1)[0].tolist(), F.softmax(student, -1)[0].tolist()
+    tckd, nckd, p_teacher = decoupled_kl_rows(teacher, student)
+    assert tckd.item() == pytest.approx(kl([pt[0], 1 - pt[0]], [ps[0], 1 - ps[0]]), rel=1e-5)
+    neg_t, neg_s = [x / (1 - pt[0]) for x in pt[1:]], [x / (1 - ps[0]) for x in ps[1:]]
+    assert nckd.item() == pytest.approx(kl(neg_t, neg_s), rel=1e-5)
+    assert p_teacher.item() == pytest.approx(pt[0], rel=1e-6)
+    g = torch.Generator().manual_seed(3)
+    teacher, student = 3 * torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    tckd, nckd, p_teacher = decoupled_kl_rows(teacher, student)
+    plain = kl_rows(teacher.log_softmax(-1), student.log_softmax(-1))
+    torch.testing.assert_close(tckd + (1 - p_teacher) * nckd, plain)
+
+
+def test_decoupled_score_kl_weighs_the_negatives_own_kl():
+    # A teacher sure of the positive: the plain KL barely sees the negatives' order, the decoupled one does.
+    teacher = torch.tensor([[12.0, 2.0, 0.0, -2.0]])
+    agree, reversed_ = torch.tensor([[3.0, 1.0, 0.0, -1.0]]), torch.tensor([[3.0, -1.0, 0.0, 1.0]])
+    plain_gap = score_kl(teacher, reversed_) - score_kl(teacher, agree)
+    decoupled_gap = score_kl(teacher, reversed_, negatives_weight=1.0) - score_kl(teacher, agree, negatives_weight=1.0)
+    assert 0 < plain_gap < 1e-3 and decoupled_gap > 1.0
+    tckd, nckd, _ = decoupled_kl_rows(teacher / 2, reversed_ / 0.5)
+    expected = (tckd + 4.0 * nckd).mean() * (2 * 0.5)
+    got = score_kl(teacher, reversed_, 2.0, 0.5, scale_by_temperature=True, negatives_weight=4.0)
+    torch.testing.assert_close(got, expected)
+
+
+def test_decoupled_score_kl_masks_padding_and_rows_without_negatives():
+    g = torch.Generator().manual_seed(4)
+    teacher, student = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True], [True, False, False, False]])
+    garbage_t = teacher.masked_fill(~mask, 1e4)
+    garbage_s = student.clone().masked_fill(~mask, -1e4).requires_grad_()
+    loss = score_kl(garbage_t, garbage_s, mask=mask, negatives_weight=2.0)
+    first = score_kl(teacher[:1, :2], student[:1, :2], negatives_weight=2.0)
+    second = score_kl(teacher[1:2], student[1:2], negatives_weight=2.0)
+    torch.testing.assert_close(loss, (first + second) / 3)  # the row without a negative adds 0, still counted
+    loss.backward()
+    assert torch.isfinite(garbage_s.grad).all() and garbage_s.grad[~mask].abs().sum() == 0
+    assert garbage_s.grad[2].abs().sum() == 0
 
 
 # attention KL

@@ -110,6 +110,11 @@ class DistillConfig:
     # gave 0.171 and 1 gave 0.477 (README, "Two commands").
     tau_attn: float = bounded(1.0, gt=0)
     kl_temperature_squared: bool = False
+    # Decoupled KL (DKD, Zhao et al., 2022) for the group terms kl_ce_col, kl_col_de, kl_ce_de: the
+    # plain KL weighs the KL over the negatives by 1 - p_t, which a teacher sure of the positive
+    # (0.96 on SciFact's groups of 4) all but switches off; > 0 gives it this weight instead.
+    kl_negatives: float = bounded(0.0, ge=0, note="0: the plain KL; > 0: the positive's binary KL + this weight "
+                                  "x the KL over the negatives alone")
     freeze_teacher: bool = False
     colbert_dim: int = bounded(128, ge=1)
     attn_layer: int = noted(-1, "a layer of the cross-encoder, -L to L - 1 (negative: from the last)")

@@ -217,7 +217,7 @@ def distill_terms(out: CascadeOutput, group_size: int, stage: DistillConfig,
     if weights["ce"]:
         terms["ce"] = out.ce_loss if out.ce_loss is not None else contrastive_loss(out.ce_scores, group_labels,
                                                                                      stage.tau_ce)
-    kl = dict(scale_by_temperature=stage.kl_temperature_squared)
+    kl = dict(scale_by_temperature=stage.kl_temperature_squared, negatives_weight=stage.kl_negatives)
     if weights["kl_ce_col"]:
         terms["kl_ce_col"] = score_kl(out.teacher_scores, col_group, stage.tau_ce, stage.tau_col,
                                       mask=out.teacher_mask, **kl)

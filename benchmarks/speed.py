@@ -526,6 +526,78 @@ def encoding_entry(minilm: str, tokenizer, data, sizes: Sizes, device: torch.dev
         max_abs_diff=float(np.abs(out["project"] - out["st"]).max()))
 
 
+def bf16_entries(minilm: str, tokenizer, batch: Batch, data, sizes: Sizes, device: torch.device, repeats: int,
+                 warmup: int) -> list[dict]:
+    """bf16 autocast against float32, on this device: DE, CE and full distill steps and corpus encoding.
+
+    Every call, both precisions and sentence-transformers' DE step under the same bf16 autocast,
+    runs in one interleaved loop, so the ratios are paired. Weights and optimizer stay float32
+    (Accelerate's ``mixed_precision="bf16"``); a CPU needs avx512_bf16 or AMX for bf16 to pay.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    from models.colbert import ColBERT
+    from pipeline.evaluate import encode
+    from pipeline.stages.configs import DistillConfig
+    from pipeline.stages.distill import Cascade
+
+    precisions = {"fp32": nullcontext, "bf16": partial(torch.autocast, device.type, dtype=torch.bfloat16)}
+    groups = batch.groups.to(device)
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    torch.manual_seed(0)
+    de = DualEncoder.from_pretrained(minilm, pooling="mean", normalize=True).to(device).train()
+    ce = CrossEncoder.from_pretrained(minilm).to(device).train()
+    cascade = Cascade(de, ColBERT(de.hidden_size, DistillConfig().colbert_dim).to(device), ce, DistillConfig(),
+                      distill_weightings()["distill_full"]).train()
+    st = SentenceTransformer(minilm, device=str(device)).train()
+    features = st_de_features(st, batch, sizes, device)
+    encoder = DualEncoder.from_pretrained(minilm, pooling="mean", normalize=True).to(device).eval()
+    texts = data.passage_texts()
+    if sizes.encode_passages is not None and sizes.encode_passages < len(texts):
+        chosen = np.random.default_rng(0).choice(len(texts), sizes.encode_passages, replace=False)
+        texts = [texts[i] for i in sorted(chosen)]
+    ids = tokenize(tokenizer, texts, sizes.passage_len - 2)
+
+    def encoding(autocast) -> Callable[[], np.ndarray]:
+        def call() -> np.ndarray:
+            with autocast():
+                return encode(encoder.encode_passages, ids, special, sizes.encode_batch_size, device)
+        return call
+
+    calls = {}
+    for name, autocast in precisions.items():
+        calls[f"de_{name}"] = training_step(de.parameters(), project_de_loss(de, groups), autocast)
+        calls[f"ce_{name}"] = training_step(ce.parameters(), project_ce_loss(ce, groups), autocast)
+        calls[f"distill_{name}"] = training_step(cascade.parameters(),
+                                                 distill_loss(cascade, groups, distill_weightings()["distill_full"]),
+                                                 autocast)
+        calls[f"encode_{name}"] = encoding(autocast)
+    calls["st_de_bf16"] = training_step(st.parameters(), st_de_loss(st, features), precisions["bf16"])
+    times = time_interleaved(calls, repeats, warmup, device)
+    out = times["outputs"]
+    shape = f"all-MiniLM-L6-v2, {sizes.queries} queries x {sizes.group_size} passages, " \
+            f"{sizes.query_len} / {sizes.passage_len} tokens"
+    autocast_note = f"torch.autocast('{device.type}', bfloat16) around forward + loss, float32 weights and AdamW"
+    return [
+        entry("bf16_dual_encoder_step", "bf16 / float32 (step time)", times["de_bf16"], times["de_fp32"],
+              "the same project DE step in float32", "s/step", "<= 1.0", f"{shape}; {autocast_note}."),
+        entry("bf16_dual_encoder_step_vs_st", "project / sentence-transformers, both bf16 (step time)",
+              times["de_bf16"], times["st_de_bf16"],
+              "sentence-transformers SentenceTransformer + MultipleNegativesRankingLoss(scale=20) under the same "
+              "autocast", "s/step", "<= 1.0", f"{shape}; as dual_encoder_step, both sides under {autocast_note}."),
+        entry("bf16_cross_encoder_step", "bf16 / float32 (step time)", times["ce_bf16"], times["ce_fp32"],
+              "the same project CE step in float32", "s/step", "<= 1.0", f"{shape}; {autocast_note}."),
+        entry("bf16_distill_step_full", "bf16 / float32 (step time)", times["distill_bf16"], times["distill_fp32"],
+              "the same full distill step in float32", "s/step", "<= 1.0",
+              f"{shape}; every default weight; {autocast_note}."),
+        entry("bf16_corpus_encoding", "bf16 / float32 (throughput)", times["encode_bf16"], times["encode_fp32"],
+              "the same project encoding in float32", "passages/s", ">= 1.0",
+              f"{len(texts)} SciFact passages, {sizes.passage_len} tokens, batch {sizes.encode_batch_size}, "
+              "inference mode.", higher_is_better=True, items=len(texts),
+              max_abs_diff=float(np.abs(out["encode_bf16"] - out["encode_fp32"]).max())),
+    ]
+
+
 def encoder_flops(config, inputs: dict) -> int:
     """Forward + backward FLOPs of one encoder pass over a padded (B, T) batch: ``6 N B T + 12 L h B T^2``."""
     B, T = inputs["input_ids"].shape
@@ -642,6 +714,7 @@ def markdown_table(entries: list[dict]) -> str:
 
 
 SECTIONS = ("dual_encoder", "cross_encoder", "encoding", "distill", "mfu")
+OPTIONAL = ("bf16",)  # run only when named in --only
 
 
 def main() -> int:
@@ -650,7 +723,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke check; writes only to --out")
     parser.add_argument("--repeats", type=int, default=None, help="default: 5 cpu, 20 gpu, 2 quick")
     parser.add_argument("--warmup", type=int, default=None, help="default: 1 cpu, 3 gpu, 1 quick")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS + OPTIONAL)} (default: all but bf16, "
+                             "which times bf16 autocast against float32; on a 24 GB CPU use it with --queries 8)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch CPU threads, the same for both sides (default: every core; fewer when the "
                              "machine is shared, since oversubscribed threads stall each other)")
@@ -664,8 +739,8 @@ def main() -> int:
                         help="default: benchmarks/results/speed_<config>.json (nothing is written with --quick)")
     args = parser.parse_args()
     only = set(args.only.split(","))
-    if only - set(SECTIONS):
-        parser.error(f"unknown sections {sorted(only - set(SECTIONS))}; choose from {SECTIONS}")
+    if only - set(SECTIONS + OPTIONAL):
+        parser.error(f"unknown sections {sorted(only - set(SECTIONS + OPTIONAL))}; choose from {SECTIONS + OPTIONAL}")
     if not (Path(args.data) / "corpus.jsonl").exists():
         print(f"skipped: SciFact not found at {args.data}")
         return 0
@@ -702,6 +777,8 @@ def main() -> int:
         entries += training_entries(minilm, tokenizer, batch, sizes, device, autocast, repeats, warmup, only)
     if "encoding" in only:
         entries.append(encoding_entry(minilm, tokenizer, data, sizes, device, autocast, repeats, warmup))
+    if "bf16" in only:
+        entries += bf16_entries(minilm, tokenizer, batch, data, sizes, device, repeats, warmup)
     if "mfu" in only:
         entries += mfu_entries(tokenizer, batch, sizes, device, autocast, repeats, warmup,
                                peak_flops(device, args.peak_tflops))
@@ -711,7 +788,9 @@ def main() -> int:
         "config": args.config,
         "quick": args.quick,
         "sizes": asdict(sizes),
-        "precision": "bfloat16 autocast, float32 weights and optimizer" if cuda else "float32",
+        "precision": ("bfloat16 autocast, float32 weights and optimizer" if cuda else "float32")
+                     + ("; the bf16_* entries compare bfloat16 autocast with float32 on this device" if "bf16" in only
+                        else ""),
         "repeats": repeats,
         "warmup": warmup,
         "data": ("SciFact (BEIR): train queries and corpus; groups from data.groups.TrainGroups (seed 0, epoch 0) "

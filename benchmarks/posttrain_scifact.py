@@ -45,8 +45,9 @@ Budget on 2 idle cores (planned from earlier measurements on this machine: a war
 min, an evaluation of the 5,183-passage corpus ~1.1 min; a post-training step measured against
 an encoder forward + backward of 32 x 128 tokens, E ~3 s: the MLM head over the vocabulary at
 every position cost ~1.3 E more when this plan was made, a second view E; since f019045 the head
-runs on the masked positions only, so the MLM rows should cost less than planned here. Not yet
-run at full size: the plan is an estimate, and an evaluation may take nearer 3 minutes than 1):
+runs on the masked positions only, so the MLM rows should cost less than planned here. Measured
+at 533f37b, alone on the 2-core machine: 5245 s (87 min; the evaluations took 2-3 minutes each,
+not 1, and a warmup epoch 7.5-8.5 min with its evaluation), in the JSON's ``seconds``):
 
     BM25, inputs, model loading, checkpoints                               ~2 min
     2 zero-shot evaluations of the starting encoder (mean, CLS)            ~2 min

@@ -486,6 +486,15 @@ def ce_score_check(ce: CrossEncoder, st_ce, batch: GroupBatch, pairs: list) -> d
     return {"max_abs_diff": diff}
 
 
+def encoding_texts(data, sizes: Sizes) -> list[str]:
+    """The passages an encoding entry encodes: the corpus, or a seeded sample of ``sizes.encode_passages``."""
+    texts = data.passage_texts()
+    if sizes.encode_passages is not None and sizes.encode_passages < len(texts):
+        chosen = np.random.default_rng(0).choice(len(texts), sizes.encode_passages, replace=False)
+        texts = [texts[i] for i in sorted(chosen)]
+    return texts
+
+
 def encoding_entry(minilm: str, tokenizer, data, sizes: Sizes, device: torch.device, autocast, repeats: int,
                    warmup: int) -> dict:
     """Texts in, vectors out: ``tokenize`` + ``pipeline.evaluate.encode`` against ``SentenceTransformer.encode``."""
@@ -493,10 +502,7 @@ def encoding_entry(minilm: str, tokenizer, data, sizes: Sizes, device: torch.dev
 
     from pipeline.evaluate import encode
 
-    texts = data.passage_texts()
-    if sizes.encode_passages is not None and sizes.encode_passages < len(texts):
-        chosen = np.random.default_rng(0).choice(len(texts), sizes.encode_passages, replace=False)
-        texts = [texts[i] for i in sorted(chosen)]
+    texts = encoding_texts(data, sizes)
     special = SpecialTokens.from_tokenizer(tokenizer)
     de = DualEncoder.from_pretrained(minilm, pooling="mean", normalize=True).to(device).eval()
     st = SentenceTransformer(minilm, device=str(device)).eval()
@@ -552,10 +558,7 @@ def bf16_entries(minilm: str, tokenizer, batch: Batch, data, sizes: Sizes, devic
     st = SentenceTransformer(minilm, device=str(device)).train()
     features = st_de_features(st, batch, sizes, device)
     encoder = DualEncoder.from_pretrained(minilm, pooling="mean", normalize=True).to(device).eval()
-    texts = data.passage_texts()
-    if sizes.encode_passages is not None and sizes.encode_passages < len(texts):
-        chosen = np.random.default_rng(0).choice(len(texts), sizes.encode_passages, replace=False)
-        texts = [texts[i] for i in sorted(chosen)]
+    texts = encoding_texts(data, sizes)
     ids = tokenize(tokenizer, texts, sizes.passage_len - 2)
 
     def encoding(autocast) -> Callable[[], np.ndarray]:

@@ -80,8 +80,8 @@ def decoupled_kl_rows(
     tckd = (p_teacher * (teacher_logp[:, 0] - student_logp[:, 0])
             + (1 - p_teacher) * (rest(teacher_logp) - rest(student_logp)))  # (Q,)
     nckd = kl_rows(masked_log_softmax(teacher_logits[:, 1:], neg_mask),
-                   masked_log_softmax(student_logits[:, 1:], neg_mask), neg_mask)  # (Q,)
-    return tckd, nckd.masked_fill(~has_negative, 0.0), p_teacher
+                   masked_log_softmax(student_logits[:, 1:], neg_mask), neg_mask)  # (Q,): 0 without a negative
+    return tckd, nckd, p_teacher
 
 
 def score_kl(
@@ -137,13 +137,13 @@ def score_kl(
     """
     if detach_teacher:
         teacher_scores = teacher_scores.detach()
+    teacher_logits, student_logits = teacher_scores / tau_teacher, student_scores / tau_student  # (Q, C)
     if negatives_weight:
-        tckd, nckd, _ = decoupled_kl_rows(teacher_scores / tau_teacher, student_scores / tau_student, mask)
-        loss = (tckd + negatives_weight * nckd).sum() / teacher_scores.shape[0]
-        return loss * (tau_teacher * tau_student) if scale_by_temperature else loss
-    teacher_logp = masked_log_softmax(teacher_scores / tau_teacher, mask)  # (Q, C)
-    student_logp = masked_log_softmax(student_scores / tau_student, mask)  # (Q, C)
-    loss = kl_rows(teacher_logp, student_logp, mask).sum() / teacher_scores.shape[0]
+        tckd, nckd, _ = decoupled_kl_rows(teacher_logits, student_logits, mask)
+        rows = tckd + negatives_weight * nckd  # (Q,)
+    else:
+        rows = kl_rows(masked_log_softmax(teacher_logits, mask), masked_log_softmax(student_logits, mask), mask)
+    loss = rows.sum() / teacher_scores.shape[0]
     if scale_by_temperature:
         loss = loss * (tau_teacher * tau_student)
     return loss

@@ -13,9 +13,12 @@ aligned (query ids, passage ids) pairs. The stages and ``run_pipeline.py evaluat
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+import shutil
+import tempfile
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +27,7 @@ from tqdm.auto import tqdm
 from data.beir import BeirData
 from data.bm25 import BM25Config, BM25Index
 from data.collate import SpecialTokens, cross_inputs, encoder_inputs, tokenize
-from data.fields import bounded, file_name, one_of
+from data.fields import bounded, file_name, noted, one_of
 from pipeline.distributed import broadcast_object, gather_objects, gather_rows, world
 from pipeline.faiss_index import IndexConfig, build_index, search
 from pipeline.metrics import Ranking, evaluate_ranking, query_metrics, ranking_from_arrays
@@ -52,6 +55,10 @@ class EvalConfig:
     encode_chunk: int = bounded(10_000, ge=1, note="texts; rounded down to whole batches")
     # How the corpus vectors are held until indexed: float16 halves them; FAISS still indexes float32.
     vectors_dtype: str = one_of("float32", VECTOR_DTYPES)
+    # Empty: the main process gathers the corpus vectors in memory. A folder every process can read
+    # (shared across nodes): each process writes its vectors there (a temporary shard, removed after
+    # the search) and the main process indexes them from disk, so no process holds them twice.
+    vectors_dir: str = noted("", "a folder; empty: in memory")
     index: IndexConfig = IndexConfig()
 
 
@@ -69,6 +76,43 @@ def token_lengths(tokenizer, texts: TextRows, count: int, max_len: int, chunk: i
     return np.concatenate(gather_objects(mine)) if size > 1 else mine
 
 
+def _encoded_chunks(
+    encoder: Encoder,
+    order: np.ndarray,
+    token_ids: Callable[[np.ndarray], Sequence[Sequence[int]]],
+    special: SpecialTokens,
+    batch_size: int,
+    device: torch.device | str,
+    desc: str | None,
+    chunk: int | None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """This process's share of ``order`` (every N-th text under N processes), encoded ``chunk`` at a time.
+
+    Yields (start, vectors (R, D)) with ``start`` the offset into the share; every process yields as
+    many chunks (the last ones may be empty), so collectives in the caller's loop stay in step.
+    """
+    rank, size = world()
+    mine = order[rank::size]
+    per_process = -(-len(order) // size)  # rows of rank 0, the most: every process takes as many chunk steps
+    step = max(1, per_process if chunk is None else max(1, chunk // batch_size) * batch_size)
+    hidden = None if desc is not None and rank == 0 else True  # None: a bar on a terminal only
+    with tqdm(total=len(mine), desc=desc, disable=hidden, leave=False) as bar:
+        for start in range(0, max(per_process, 1), step):
+            rows = mine[start : start + step]
+            ids = token_ids(rows) if len(rows) else []
+            vectors = []
+            for b in range(0, len(rows), batch_size):
+                batch = encoder_inputs(ids[b : b + batch_size], special)
+                vectors.append(encoder({k: v.to(device) for k, v in batch.items()}).float())
+                bar.update(len(batch["lengths"]))
+            yield start, torch.cat(vectors) if vectors else torch.zeros(0, 0, device=device)
+
+
+def length_order(lengths: np.ndarray) -> np.ndarray:
+    """Rows longest first (stable): the order texts are encoded in, so batches pad little."""
+    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+
+
 @torch.inference_mode()
 def encode_rows(
     encoder: Encoder,
@@ -80,38 +124,102 @@ def encode_rows(
     desc: str | None = None,
     chunk: int | None = None,
     dtype: str = "float32",
-) -> np.ndarray:
+    main_only: bool = False,
+) -> np.ndarray | None:
     """Vectors (N, D) of N texts of ``lengths`` content tokens, in input order, longest first internally.
 
     ``token_ids(rows)`` gives the ids of the texts at ``rows``; it is asked for ``chunk`` texts at a
     time (rounded down to whole batches; None: all at once), whose vectors go straight into the
     (N, D) array of ``dtype``. Batches do not depend on ``chunk``, so neither do the vectors.
     Under N processes each process encodes every N-th text of the length order (so the work is
-    balanced) and every process returns all N vectors; call it on every process.
+    balanced) and every process returns all N vectors, or with ``main_only`` the main process
+    does and the others return None (they hold one chunk at a time); call it on every process.
     """
     rank, size = world()
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    mine = order[rank::size]
-    per_process = -(-len(order) // size)  # rows of rank 0, the most: every process takes as many chunk steps
-    step = max(1, per_process if chunk is None else max(1, chunk // batch_size) * batch_size)
-    hidden = None if desc is not None and rank == 0 else True  # None: a bar on a terminal only
+    order = length_order(lengths)
+    keep = rank == 0 or not main_only
     out = None
-    with tqdm(total=len(mine), desc=desc, disable=hidden, leave=False) as bar:
-        for start in range(0, max(per_process, 1), step):
-            rows = mine[start : start + step]
-            ids = token_ids(rows) if len(rows) else []
-            vectors = []
-            for b in range(0, len(rows), batch_size):
-                batch = encoder_inputs(ids[b : b + batch_size], special)
-                vectors.append(encoder({k: v.to(device) for k, v in batch.items()}).float())
-                bar.update(len(batch["lengths"]))
-            vectors = torch.cat(vectors) if vectors else torch.zeros(0, 0, device=device)  # (len(rows), D)
-            parts = gather_rows(vectors) if size > 1 else [vectors.cpu()]
-            if out is None:
-                out = np.empty((len(order), max(part.shape[1] for part in parts)), dtype=dtype)
-            for r, part in enumerate(parts):
-                out[order[r::size][start : start + step]] = part.numpy()
+    for start, vectors in _encoded_chunks(encoder, order, token_ids, special, batch_size, device, desc, chunk):
+        parts = gather_rows(vectors) if size > 1 else [vectors.cpu()]
+        if not keep:
+            continue
+        if out is None:
+            out = np.empty((len(order), max(part.shape[1] for part in parts)), dtype=dtype)
+        for r, part in enumerate(parts):
+            out[order[r::size][start : start + len(part)]] = part.numpy()
     return out
+
+
+class VectorShards:
+    """Corpus vectors on disk, read as an (N, D) array in corpus order: ``shards[rows]`` gathers those rows.
+
+    Process r's rows are in ``paths[r]`` (a .npy, opened as a read-only memory map), corpus row
+    ``rows[p]`` at position p of the shards taken in rank order. Indexed in corpus order, they give
+    the same index as the gathered array, so rankings do not depend on where the vectors were held.
+    """
+
+    def __init__(self, paths: Sequence[Path], rows: np.ndarray):
+        self.paths = tuple(paths)
+        self.shards = [np.load(path, mmap_mode="r") for path in self.paths]
+        sizes = [len(shard) for shard in self.shards]
+        self.shard_of = np.empty(len(rows), dtype=np.int32)  # corpus row -> shard
+        self.offset_of = np.empty(len(rows), dtype=np.int64)  # corpus row -> row within it
+        self.shard_of[rows] = np.repeat(np.arange(len(sizes)), sizes)
+        self.offset_of[rows] = np.concatenate([np.arange(n) for n in sizes])
+        self.dtype = self.shards[0].dtype
+        self.shape = (len(rows), max(shard.shape[1] for shard in self.shards))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(len(self))[rows]
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        for s, shard in enumerate(self.shards):
+            here = self.shard_of[rows] == s
+            out[here] = shard[self.offset_of[rows[here]]]
+        return out
+
+
+@torch.inference_mode()
+def encode_to_shards(
+    encoder: Encoder,
+    lengths: np.ndarray,
+    token_ids: Callable[[np.ndarray], Sequence[Sequence[int]]],
+    special: SpecialTokens,
+    batch_size: int,
+    folder: Path,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+    chunk: int | None = None,
+    dtype: str = "float32",
+) -> VectorShards:
+    """:func:`encode_rows`'s vectors written, not gathered: each process appends its rows to its own shard.
+
+    Process r writes ``folder/rank-<r>.npy`` (its share of the length order, ``chunk`` texts at a
+    time) and holds one chunk; nothing crosses between processes but the shard sizes. ``folder``
+    must be one every process can read (shared across nodes). Call it on every process.
+    """
+    rank, size = world()
+    order = length_order(lengths)
+    path = Path(folder) / f"rank-{rank}.npy"
+    mine = len(order[rank::size])
+    shard = None
+    for start, vectors in _encoded_chunks(encoder, order, token_ids, special, batch_size, device, desc, chunk):
+        if len(vectors) == 0:
+            continue
+        if shard is None:
+            shard = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(mine, vectors.shape[1]))
+        shard[start : start + len(vectors)] = vectors.cpu().numpy()
+    width = shard.shape[1] if shard is not None else 0
+    widths = gather_objects(width) if size > 1 else [width]
+    if shard is None:  # no rows here: an empty shard of the others' width
+        shard = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(0, max(widths)))
+    shard.flush()
+    del shard
+    gather_objects(None)  # every shard is complete before any is read
+    return VectorShards(tuple(Path(folder) / f"rank-{r}.npy" for r in range(size)),
+                        np.concatenate([order[r::size] for r in range(size)]))
 
 
 def encode(
@@ -138,15 +246,43 @@ def encode_texts(
     device: torch.device | str = "cpu",
     desc: str | None = None,
     dtype: str = "float32",
-) -> np.ndarray:
+    main_only: bool = False,
+    folder: Path | None = None,
+) -> np.ndarray | VectorShards | None:
     """Vectors (N, D) of ``count`` texts, ``texts(rows)`` giving those at ``rows``, streamed ``chunk`` at a time.
 
     Each text is tokenised twice (once for the length order, once to encode it), so no more
-    than ``chunk`` texts' token ids are ever held. Call it on every process.
+    than ``chunk`` texts' token ids are ever held. ``main_only``: as :func:`encode_rows`;
+    ``folder``: written there as :func:`encode_to_shards` does, and described. Call it on every process.
     """
     lengths = token_lengths(tokenizer, texts, count, max_len, chunk)
-    return encode_rows(encoder, lengths, lambda rows: tokenize(tokenizer, texts(rows), max_len),
-                       SpecialTokens.from_tokenizer(tokenizer), batch_size, device, desc, chunk, dtype)
+    rows = lambda rows: tokenize(tokenizer, texts(rows), max_len)  # noqa: E731
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    if folder is not None:
+        return encode_to_shards(encoder, lengths, rows, special, batch_size, folder, device, desc, chunk, dtype)
+    return encode_rows(encoder, lengths, rows, special, batch_size, device, desc, chunk, dtype, main_only)
+
+
+@contextmanager
+def vectors_folder(parent: str) -> Iterator[Path | None]:
+    """A fresh folder under ``parent`` for one search's shards, the same on every process; removed after.
+
+    ``parent`` empty: None (the vectors stay in memory).
+    """
+    if not parent:
+        yield None
+        return
+    made = None
+    if world()[0] == 0:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        made = tempfile.mkdtemp(prefix="vectors-", dir=parent)
+    folder = Path(broadcast_object(made))
+    try:
+        yield folder
+    finally:
+        if world()[0] == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+    gather_objects(None)  # after a search that went well, no process returns before the folder is gone
 
 
 def dense_search(
@@ -161,24 +297,28 @@ def dense_search(
 ) -> Ranking:
     """Encode corpus and queries, index the corpus, return each query's top ``config.top_k``.
 
-    Under N processes the encoding is split over them, the main process builds the index and
-    searches, and every process receives the ranking: call it on every process.
+    Under N processes the encoding is split over them, and only the main process holds the
+    vectors (gathered, or with ``eval.vectors_dir`` read back from each process's shard), builds
+    the index and searches; every process receives the ranking: call it on every process.
     """
     query_texts = data.query_texts(list(query_ids))
     progress = (lambda name: name) if show_progress else (lambda name: None)
-    shared = dict(tokenizer=tokenizer, batch_size=config.batch_size, chunk=config.encode_chunk, device=device)
-    p_reps = encode_texts(passage_encoder, texts=data.passage_texts, count=len(data.corpus),
-                          max_len=config.passage_max_len, desc=progress("encode corpus"), dtype=config.vectors_dtype,
-                          **shared)
-    q_reps = encode_texts(query_encoder, texts=lambda rows: [query_texts[i] for i in rows], count=len(query_texts),
-                          max_len=config.query_max_len, desc=progress("encode queries"), **shared)
-    ranking = None
-    if world()[0] == 0:
-        index = build_index(p_reps, config.index)
-        del p_reps  # the index holds its own copy
-        scores, indices = search(index, q_reps, config.top_k)
-        ranking = ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
-    return broadcast_object(ranking)
+    shared = dict(tokenizer=tokenizer, batch_size=config.batch_size, chunk=config.encode_chunk, device=device,
+                  main_only=True)
+    with vectors_folder(config.vectors_dir) as folder:
+        p_reps = encode_texts(passage_encoder, texts=data.passage_texts, count=len(data.corpus),
+                              max_len=config.passage_max_len, desc=progress("encode corpus"),
+                              dtype=config.vectors_dtype, folder=folder, **shared)
+        q_reps = encode_texts(query_encoder, texts=lambda rows: [query_texts[i] for i in rows],
+                              count=len(query_texts), max_len=config.query_max_len, desc=progress("encode queries"),
+                              **shared)
+        ranking = None
+        if world()[0] == 0:
+            index = build_index(p_reps, config.index)
+            del p_reps  # the index holds its own copy
+            scores, indices = search(index, q_reps, config.top_k)
+            ranking = ranking_from_arrays(list(query_ids), data.corpus["_id"], indices, scores)
+        return broadcast_object(ranking)
 
 
 def bm25_search(index: BM25Index, data: BeirData, query_ids: Sequence[str], top_k: int) -> Ranking:

@@ -30,12 +30,14 @@ class IndexConfig:
 
 
 def float32_blocks(p_reps: np.ndarray, rows: int = ADD_ROWS) -> Iterator[np.ndarray]:
-    """``p_reps`` as FAISS takes it: float32 whole (no copy), another dtype converted ``rows`` at a time.
+    """``p_reps`` as FAISS takes it: a float32 array whole (no copy), another dtype converted ``rows`` at a time.
+
+    ``p_reps`` may be any array-like with ``dtype``, ``len`` and row slicing (vectors in shards on disk).
 
     >>> [b.dtype.name for b in float32_blocks(np.zeros((5, 2), np.float16), rows=2)]
     ['float32', 'float32', 'float32']
     """
-    if p_reps.dtype == np.float32:
+    if isinstance(p_reps, np.ndarray) and p_reps.dtype == np.float32:
         yield np.ascontiguousarray(p_reps)
         return
     for start in range(0, len(p_reps), rows):
@@ -43,8 +45,9 @@ def float32_blocks(p_reps: np.ndarray, rows: int = ADD_ROWS) -> Iterator[np.ndar
 
 
 def ivf_training_rows(p_reps: np.ndarray, nlist: int) -> np.ndarray:
-    """What IVF's k-means trains on: float32 as it is (FAISS samples 256 rows per list itself), else such a sample."""
-    if p_reps.dtype == np.float32:
+    """What IVF's k-means trains on: a float32 array as it is (FAISS samples 256 rows per list itself), else such
+    a sample."""
+    if isinstance(p_reps, np.ndarray) and p_reps.dtype == np.float32:
         return np.ascontiguousarray(p_reps)
     rows = np.arange(len(p_reps))
     if len(p_reps) > MAX_POINTS_PER_LIST * nlist:
@@ -54,6 +57,8 @@ def ivf_training_rows(p_reps: np.ndarray, nlist: int) -> np.ndarray:
 
 def build_index(p_reps: np.ndarray, config: IndexConfig = IndexConfig()) -> faiss.Index:
     """Index passage vectors (P, D) for inner-product search; float16 vectors are added as float32 in blocks.
+
+    ``p_reps`` may be an array-like that reads rows when sliced (:class:`pipeline.evaluate.VectorShards`).
 
     >>> index = build_index(np.eye(3, dtype=np.float32))
     >>> index.ntotal

@@ -30,7 +30,7 @@ from pipeline.train import latest_checkpoint
 SOURCE_PACKAGES = ("data", "models", "losses", "pipeline")
 DETERMINISTIC_STAGES = ("scores",)  # no randomness: every seed shares them
 SHARED_SECTIONS = ("data", "model", "negatives", "eval")  # config sections every stage depends on
-UNHASHED = {"eval": ("encode_chunk",)}  # settings of those sections that no result depends on
+UNHASHED = {"eval": ("encode_chunk", "vectors_dir")}  # settings of those sections that no result depends on
 _EXPLAINED = {
     "code": "the pipeline's source changed (data/, models/, losses/, pipeline/)",  # see changed_settings
     "data_files": "the data files changed (their content)",

@@ -135,21 +135,42 @@ def test_bm25_is_built_and_mined_once_under_two_processes_as_under_one(tmp_path,
         assert record["pair_scores"] == single["pair_scores"] and max(single["pair_scores"]) > 0
 
 
-def test_the_streamed_corpus_encoding_under_two_processes_equals_one_chunk_and_one_process(tmp_path, demo_dirs):
-    """17 passages in chunks of 4 over 2 processes: rank 0 encodes 9 (4, 4, 1), rank 1 8 (4, 4, then nothing)."""
+@pytest.fixture(scope="module")
+def encode_runs(tmp_path_factory, demo_dirs) -> dict[int, list[tuple[dict, dict]]]:
+    """tests/distributed_encode.py under 1 and 2 processes: per process count, each rank's (npz, json)."""
     runs = {}
     for processes in (1, 2):
-        out = tmp_path / f"encode-{processes}"
+        out = tmp_path_factory.mktemp(f"encode-{processes}")
         launch(ROOT / "tests" / "distributed_encode.py", "--data", str(demo_dirs[0]), "--model", str(demo_dirs[1]),
                "--out", str(out), "--count", "17", "--chunk", "4", "--batch-size", "2", processes=processes)
-        runs[processes] = [dict(np.load(out / f"rank-{r}.npz")) for r in range(processes)]
-    (single,), (main, other) = runs[1], runs[2]
+        runs[processes] = [(dict(np.load(out / f"rank-{r}.npz")), json.loads((out / f"rank-{r}.json").read_text()))
+                           for r in range(processes)]
+    return runs
+
+
+def test_the_streamed_corpus_encoding_under_two_processes_equals_one_chunk_and_one_process(encode_runs):
+    """17 passages in chunks of 4 over 2 processes: rank 0 encodes 9 (4, 4, 1), rank 1 8 (4, 4, then nothing)."""
+    (single, _), (main, _), (other, _) = encode_runs[1][0], *encode_runs[2]
     assert [int(single["processes"]), int(main["processes"]), int(other["processes"])] == [1, 2, 2]
     for record in (single, main, other):
         assert record["chunk_4"].shape == (17, 32)
         np.testing.assert_array_equal(record["chunk_4"], record["chunk_17"])  # the chunk never changes a vector
     np.testing.assert_array_equal(main["chunk_4"], other["chunk_4"])  # every process receives every vector
     np.testing.assert_allclose(main["chunk_4"], single["chunk_4"], atol=1e-6)  # other batches, same vectors
+    # main_only: the main process assembles the same vectors, the other keeps none
+    assert bool(single["received_main_only"]) and bool(main["received_main_only"])
+    assert not bool(other["received_main_only"])
+    np.testing.assert_array_equal(main["main_only"], main["chunk_4"])
+
+
+def test_a_dense_search_from_shards_on_disk_under_two_processes_ranks_as_in_memory_and_as_one_process(encode_runs):
+    """Each process writes its own shard; the main process indexes both and ranks as the gathered vectors do."""
+    (_, single), (_, main), (_, other) = encode_runs[1][0], *encode_runs[2]
+    memory = single["rankings"]["memory"]
+    assert len(memory) >= 20 and all(len(ranked) == 10 for ranked in memory.values())
+    for record in (single, main, other):
+        assert list(record["rankings"].values()) == [memory, memory]  # on disk as in memory, 2 processes as 1
+        assert record["left"] == []  # the shard folder is emptied after the search
 
 
 def test_shards_of_a_global_batch_are_its_rows_in_group_layout(demo_dirs, tiny_tokenizer):

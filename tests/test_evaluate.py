@@ -72,6 +72,31 @@ def test_a_chunked_dense_search_ranks_as_a_single_chunk(demo):
     assert rankings[0] == rankings[1] and len(rankings[0]) == len(query_ids)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_search_from_vector_shards_on_disk_ranks_as_in_memory_and_leaves_no_file(demo, tmp_path, dtype):
+    data, model, tokenizer = demo
+    query_ids = data.judged_queries("test")
+    config = EvalConfig(top_k=50, passage_max_len=48, batch_size=7, encode_chunk=20, vectors_dtype=dtype)
+    folder = tmp_path / "vectors"
+    in_memory, on_disk = (dense_search(model.encode_queries, model.encode_passages, tokenizer, data, query_ids,
+                                       dataclasses.replace(config, vectors_dir=where))
+                          for where in ("", str(folder)))
+    assert on_disk == in_memory and len(on_disk) == len(query_ids)
+    assert folder.is_dir() and not any(folder.iterdir())  # the shards were removed after the search
+
+
+def test_a_shard_holds_the_vectors_in_length_order_and_reads_back_in_corpus_order(demo, tmp_path):
+    data, model, tokenizer = demo
+    count = 23
+    whole = encode_texts(model.encode_passages, tokenizer, data.passage_texts, count, 48, 7, 20)
+    shards = encode_texts(model.encode_passages, tokenizer, data.passage_texts, count, 48, 7, 20, folder=tmp_path)
+    assert shards.paths == (tmp_path / "rank-0.npy",) and shards.shape == whole.shape
+    lengths = [len(ids) for ids in tokenize(tokenizer, data.passage_texts(range(count)), 48)]
+    np.testing.assert_array_equal(np.load(shards.paths[0]), whole[np.argsort(-np.array(lengths), kind="stable")])
+    np.testing.assert_array_equal(shards[:], whole)
+    np.testing.assert_array_equal(shards[np.array([5, 2, 22])], whole[[5, 2, 22]])
+
+
 def test_float16_vectors_are_float32_rounded_and_rank_nearly_alike(demo):
     data, model, tokenizer = demo
     count = len(data.corpus)
@@ -122,11 +147,11 @@ def test_post_training_streams_the_corpus_one_batch_at_a_time(demo):
     assert not torch.equal(batches.batch_at(0, 2)[0]["input_ids"], again["input_ids"])  # a new order per epoch
 
 
-def test_the_chunk_size_is_in_no_stage_hash_and_the_vector_precision_is(demo_dirs):
+def test_the_chunk_size_and_vector_folder_are_in_no_stage_hash_and_the_vector_precision_is(demo_dirs):
     from pipeline.config import load_config
 
     data, model = demo_dirs
     keys = {tuple(o): base_key(load_config(None, list(o)), data, str(model))
-            for o in ([], ["eval.encode_chunk=7"], ["eval.vectors_dtype=float16"])}
-    assert keys[()] == keys[("eval.encode_chunk=7",)]
+            for o in ([], ["eval.encode_chunk=7"], ["eval.vectors_dir=/scratch"], ["eval.vectors_dtype=float16"])}
+    assert keys[()] == keys[("eval.encode_chunk=7",)] == keys[("eval.vectors_dir=/scratch",)]
     assert keys[()] != keys[("eval.vectors_dtype=float16",)]

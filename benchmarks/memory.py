@@ -298,7 +298,8 @@ def plot(entries: list[dict], path: Path) -> None:
     for e in curve:
         if e["peak_rss_gb"] is None:  # not run, or over the memory limit
             ax.plot(e["queries"], MACHINE_GB, marker="x", color="black")
-            ax.annotate(f"{e['mode']}: {e['status']}", (e["queries"], MACHINE_GB), fontsize=7, ha="right",
+            short = "out of memory" if "out of memory" in e["status"] else e["status"].split(":")[0]
+            ax.annotate(f"{e['mode']}: {short}", (e["queries"], MACHINE_GB), fontsize=7, ha="right",
                         va="bottom", xytext=(-4, 2), textcoords="offset points")
     ax.axhline(MACHINE_GB, color="black", linewidth=0.5, label=f"{MACHINE_GB} GB machine")
     ax.axhline(CACHED_32_TARGET_GB, color="grey", linestyle=":",

@@ -108,9 +108,9 @@ SCALING_NOTES = [
     "passage's text makes it grow with the corpus's bytes even where nothing holds the texts",
     "load_data and bm25_index still materialise all passage texts (BeirData.passage_texts) as Python strings, "
     "per process; the training stages tokenise the passages they read, once, and keep them (int32)",
-    "pipeline.evaluate.encode returns all N vectors on every process (gather_rows), and dense_search builds and "
-    "searches the index on the main process: under P processes, P copies of the (N, D) vectors; not measured here "
-    "(one process)",
+    "under P processes dense_search's encoding is split over them and only the main process holds the (N, D) "
+    "vectors (encode_rows main_only; the others one chunk), or with eval.vectors_dir each process writes its shard "
+    "to disk and the main process adds them to the index from memory maps; not measured here (one process)",
     "mining: bm25s scores each query against the whole corpus (a dense (N,) array per query and thread), so its "
     "time is queries x N; memory stays flat",
     "faiss_ivf: nlist = 4 sqrt(N) with nprobe fixed at 32, so the share of lists searched, and recall, fall as N "

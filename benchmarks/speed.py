@@ -57,6 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.attention_overhead import device_name  # noqa: E402
+from benchmarks.provenance import code_version  # noqa: E402
 from data.collate import SpecialTokens, cross_inputs, encoder_inputs, tokenize  # noqa: E402
 from models.cross_encoder import CrossEncoder  # noqa: E402
 from models.dual_encoder import DualEncoder  # noqa: E402
@@ -311,12 +312,12 @@ def st_ce_loss(st_ce, batch: Batch) -> Callable[[], torch.Tensor]:
     return lambda: listnet([batch.query_texts, batch.passage_texts], labels)
 
 
-def distill_loss(cascade, batch: GroupBatch, weights: dict[str, float]) -> Callable[[], torch.Tensor]:
-    """The weighted sum of ``distill_step``'s terms, as the training loop forms it."""
+def distill_loss(cascade, batch: GroupBatch, weights: dict[str, float], stage=None) -> Callable[[], torch.Tensor]:
+    """The weighted sum of ``distill_step``'s terms, as the training loop forms it (``stage``: DistillConfig())."""
     from pipeline.stages.configs import DistillConfig
     from pipeline.stages.distill import distill_step
 
-    stage = DistillConfig()
+    stage = stage or DistillConfig()
 
     def loss() -> torch.Tensor:
         terms = distill_step(cascade, batch, stage, weights)
@@ -325,16 +326,22 @@ def distill_loss(cascade, batch: GroupBatch, weights: dict[str, float]) -> Calla
     return loss
 
 
-def distill_weightings() -> dict[str, dict[str, float]]:
-    """Full default weights; the cascade without attn / dualreg; and the work of a CE + a DE step."""
+def distill_weightings(mini_batch: int = 0) -> dict[str, dict[str, float]]:
+    """Full default weights; the cascade without attn / dualreg; and the work of a CE + a DE step.
+
+    ``mini_batch`` > 0 adds ``distill_full_cached`` and ``distill_same_work_cached`` (the same weights).
+    """
     from pipeline.stages.configs import LossWeights
 
     full = {name: float(value) for name, value in vars(LossWeights()).items()}
-    return {
+    weightings = {
         "distill_full": full,
         "distill_cascade": full | {"attn": 0.0, "dualreg": 0.0},
         "distill_same_work": {name: float(name in ("ce", "de", "kl_ce_de")) for name in full},
     }
+    if mini_batch > 0:
+        weightings |= {f"{name}_cached": weightings[name] for name in ("distill_full", "distill_same_work")}
+    return weightings
 
 
 DISTILL_NOTES = {
@@ -359,8 +366,9 @@ DISTILL_NOTES = {
 
 
 def training_entries(minilm: str, tokenizer, batch: Batch, sizes: Sizes, device: torch.device, autocast,
-                     repeats: int, warmup: int, only: set[str]) -> list[dict]:
-    """DE, CE and distill steps on MiniLM, all timed in one interleaved loop."""
+                     repeats: int, warmup: int, only: set[str], mini_batch: int = 0) -> list[dict]:
+    """DE, CE and distill steps on MiniLM, all timed in one interleaved loop; ``mini_batch`` > 0 adds the
+    full and same-work distill steps with cached gradients (``memory.mini_batch``)."""
     groups = batch.groups.to(device)
     special = SpecialTokens.from_tokenizer(tokenizer)
     steps, extra = {}, {}
@@ -406,14 +414,15 @@ def training_entries(minilm: str, tokenizer, batch: Batch, sizes: Sizes, device:
         steps["st_ce"] = training_step(st_ce.parameters(), st_ce_loss(st_ce, batch), autocast)
     if "distill" in only:
         from models.colbert import ColBERT
-        from pipeline.stages.configs import DistillConfig
+        from pipeline.stages.configs import DistillConfig, MemoryConfig
         from pipeline.stages.distill import Cascade
 
         # The cascade holds the very modules the CE and DE steps train: same weights, same batch.
         col = ColBERT(de.hidden_size, DistillConfig().colbert_dim).to(device)
-        for name, weights in distill_weightings().items():
-            cascade = Cascade(de, col, ce, DistillConfig(), weights).train()
-            steps[name] = training_step(cascade.parameters(), distill_loss(cascade, groups, weights), autocast)
+        for name, weights in distill_weightings(mini_batch).items():
+            stage = DistillConfig(memory=MemoryConfig(mini_batch=mini_batch if name.endswith("_cached") else 0))
+            cascade = Cascade(de, col, ce, stage, weights).train()
+            steps[name] = training_step(cascade.parameters(), distill_loss(cascade, groups, weights, stage), autocast)
     times = time_interleaved(steps, repeats, warmup, device)
 
     entries = []
@@ -444,12 +453,14 @@ def training_entries(minilm: str, tokenizer, batch: Batch, sizes: Sizes, device:
             **extra["cross_encoder"]))
     if "distill" in only:
         baseline = [ce_s + de_s for ce_s, de_s in zip(times["project_ce"], times["project_de"])]
-        for name in distill_weightings():
+        for name in distill_weightings(mini_batch):
             entries.append(entry(
                 name.replace("distill", "distill_step"), "distill_step / (project CE step + project DE step)",
                 times[name], baseline, "project CE step (teacher stage) + project DE step, same batch and modules",
                 "s/step", "<= 1.0", f"all-MiniLM-L6-v2 for the DE (with ColBERT dim 128 on its states) and the CE, "
-                f"{shape}. " + DISTILL_NOTES[name],
+                f"{shape}. " + DISTILL_NOTES[name.removesuffix("_cached")]
+                + (f" Cached gradients, memory.mini_batch={mini_batch} (the CE and DE steps it is compared with "
+                   "run plain, as the teacher and warmup stages do by default)." if name.endswith("_cached") else ""),
                 baseline_parts={"project_ce_median": statistics.median(times["project_ce"]),
                                 "project_de_median": statistics.median(times["project_de"])}))
     return entries
@@ -737,6 +748,8 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=None,
                         help="queries per training batch (default 32); a 2-core 24 GB machine runs the full "
                              "distill step out of memory at 32")
+    parser.add_argument("--mini-batch", type=int, default=0,
+                        help="also time the full and same-work distill steps with memory.mini_batch of this size")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
     parser.add_argument("--out", default=None,
                         help="default: benchmarks/results/speed_<config>.json (nothing is written with --quick)")
@@ -777,7 +790,8 @@ def main() -> int:
     batch = training_batch(data, tokenizer, sizes)
     entries = []
     if only & {"dual_encoder", "cross_encoder", "distill"}:
-        entries += training_entries(minilm, tokenizer, batch, sizes, device, autocast, repeats, warmup, only)
+        entries += training_entries(minilm, tokenizer, batch, sizes, device, autocast, repeats, warmup, only,
+                                    args.mini_batch)
     if "encoding" in only:
         entries.append(encoding_entry(minilm, tokenizer, data, sizes, device, autocast, repeats, warmup))
     if "bf16" in only:
@@ -789,6 +803,8 @@ def main() -> int:
     result = {
         "benchmark": "training and encoding speed against sentence-transformers",
         "config": args.config,
+        "code": code_version(),
+        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
         "quick": args.quick,
         "sizes": asdict(sizes),
         "precision": ("bfloat16 autocast, float32 weights and optimizer" if cuda else "float32")

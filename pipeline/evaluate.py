@@ -13,6 +13,7 @@ aligned (query ids, passage ids) pairs. The stages and ``run_pipeline.py evaluat
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from data.beir import BeirData
 from data.bm25 import BM25Config, BM25Index
 from data.collate import SpecialTokens, cross_inputs, encoder_inputs, tokenize
+from data.errors import InputError
 from data.fields import bounded, file_name, noted, one_of
 from pipeline.distributed import broadcast_object, gather_objects, gather_rows, world
 from pipeline.faiss_index import IndexConfig, build_index, search
@@ -133,7 +135,8 @@ def encode_rows(
     (N, D) array of ``dtype``. Batches do not depend on ``chunk``, so neither do the vectors.
     Under N processes each process encodes every N-th text of the length order (so the work is
     balanced) and every process returns all N vectors, or with ``main_only`` the main process
-    does and the others return None (they hold one chunk at a time); call it on every process.
+    does and the others return None (they receive each chunk from every process and keep none);
+    call it on every process.
     """
     rank, size = world()
     order = length_order(lengths)
@@ -154,8 +157,9 @@ class VectorShards:
     """Corpus vectors on disk, read as an (N, D) array in corpus order: ``shards[rows]`` gathers those rows.
 
     Process r's rows are in ``paths[r]`` (a .npy, opened as a read-only memory map), corpus row
-    ``rows[p]`` at position p of the shards taken in rank order. Indexed in corpus order, they give
-    the same index as the gathered array, so rankings do not depend on where the vectors were held.
+    ``rows[p]`` at position p of the shards taken in rank order. Added in corpus order, they give a
+    flat or IVF index equal to the one the gathered array gives (an HNSW graph built with threads
+    differs from run to run either way).
     """
 
     def __init__(self, paths: Sequence[Path], rows: np.ndarray):
@@ -172,12 +176,15 @@ class VectorShards:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, rows) -> np.ndarray:
-        rows = np.arange(len(self))[rows]
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Rows (a slice or an index array) as an array; each shard is read in file order."""
+        rows = np.arange(*rows.indices(len(self))) if isinstance(rows, slice) else np.asarray(rows)
         out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        shard_of, offset_of = self.shard_of[rows], self.offset_of[rows]
         for s, shard in enumerate(self.shards):
-            here = self.shard_of[rows] == s
-            out[here] = shard[self.offset_of[rows[here]]]
+            here = np.flatnonzero(shard_of == s)
+            here = here[np.argsort(offset_of[here], kind="stable")]
+            out[here] = shard[offset_of[here]]
         return out
 
 
@@ -193,31 +200,35 @@ def encode_to_shards(
     desc: str | None = None,
     chunk: int | None = None,
     dtype: str = "float32",
-) -> VectorShards:
+) -> VectorShards | None:
     """:func:`encode_rows`'s vectors written, not gathered: each process appends its rows to its own shard.
 
     Process r writes ``folder/rank-<r>.npy`` (its share of the length order, ``chunk`` texts at a
-    time) and holds one chunk; nothing crosses between processes but the shard sizes. ``folder``
-    must be one every process can read (shared across nodes). Call it on every process.
+    time, in file order, so a full disk is an error, not a crash) and holds one chunk; nothing
+    crosses between processes but the shard widths. ``folder`` must be one every process can read
+    (shared across nodes). The main process gets the shards, the others None; call it on every process.
     """
     rank, size = world()
     order = length_order(lengths)
-    path = Path(folder) / f"rank-{rank}.npy"
     mine = len(order[rank::size])
-    shard = None
-    for start, vectors in _encoded_chunks(encoder, order, token_ids, special, batch_size, device, desc, chunk):
-        if len(vectors) == 0:
-            continue
-        if shard is None:
-            shard = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(mine, vectors.shape[1]))
-        shard[start : start + len(vectors)] = vectors.cpu().numpy()
-    width = shard.shape[1] if shard is not None else 0
-    widths = gather_objects(width) if size > 1 else [width]
-    if shard is None:  # no rows here: an empty shard of the others' width
-        shard = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(0, max(widths)))
-    shard.flush()
-    del shard
+    dtype = np.dtype(dtype)
+    with open(Path(folder) / f"rank-{rank}.npy", "wb") as f:
+        written = 0
+        for _, vectors in _encoded_chunks(encoder, order, token_ids, special, batch_size, device, desc, chunk):
+            if len(vectors) and not written:  # the header, once the width is known
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                         "fortran_order": False, "shape": (mine, vectors.shape[1])})
+            f.write(np.ascontiguousarray(vectors.cpu().numpy(), dtype=dtype).tobytes())
+            written += len(vectors)
+        widths = gather_objects(vectors.shape[1] if written else 0) if size > 1 else [vectors.shape[1]]
+        if not written:  # no rows here: an empty shard of the others' width
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                     "fortran_order": False, "shape": (0, max(widths))})
+        f.flush()
+        os.fsync(f.fileno())
     gather_objects(None)  # every shard is complete before any is read
+    if rank != 0:
+        return None
     return VectorShards(tuple(Path(folder) / f"rank-{r}.npy" for r in range(size)),
                         np.concatenate([order[r::size] for r in range(size)]))
 
@@ -272,15 +283,21 @@ def vectors_folder(parent: str) -> Iterator[Path | None]:
     if not parent:
         yield None
         return
+    rank = world()[0]
     made = None
-    if world()[0] == 0:
+    if rank == 0:
         Path(parent).mkdir(parents=True, exist_ok=True)
         made = tempfile.mkdtemp(prefix="vectors-", dir=parent)
     folder = Path(broadcast_object(made))
     try:
+        seen = gather_objects(folder.is_dir())  # every process stops here if one cannot see the folder
+        if not all(seen):
+            raise InputError(f"eval.vectors_dir: {parent} is not shared by every process (process "
+                             f"{seen.index(False)} does not see {folder}); give a folder every process can read")
         yield folder
-    finally:
-        if world()[0] == 0:
+    finally:  # each process removes its own shard (also when it fails), the main process the folder
+        (folder / f"rank-{rank}.npy").unlink(missing_ok=True)
+        if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
     gather_objects(None)  # after a search that went well, no process returns before the folder is gone
 

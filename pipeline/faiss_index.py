@@ -45,9 +45,13 @@ def float32_blocks(p_reps: np.ndarray, rows: int = ADD_ROWS) -> Iterator[np.ndar
 
 
 def ivf_training_rows(p_reps: np.ndarray, nlist: int) -> np.ndarray:
-    """What IVF's k-means trains on: a float32 array as it is (FAISS samples 256 rows per list itself), else such
-    a sample."""
-    if isinstance(p_reps, np.ndarray) and p_reps.dtype == np.float32:
+    """What IVF's k-means trains on: every row while there are at most 256 per list (as FAISS would take
+    them), else a seeded sample of 256 per list, the same whatever holds the vectors; float32.
+
+    >>> ivf_training_rows(np.zeros((600, 2), np.float16), nlist=2).shape
+    (512, 2)
+    """
+    if isinstance(p_reps, np.ndarray) and p_reps.dtype == np.float32 and len(p_reps) <= MAX_POINTS_PER_LIST * nlist:
         return np.ascontiguousarray(p_reps)
     rows = np.arange(len(p_reps))
     if len(p_reps) > MAX_POINTS_PER_LIST * nlist:

@@ -85,11 +85,30 @@ def test_a_search_from_vector_shards_on_disk_ranks_as_in_memory_and_leaves_no_fi
     assert folder.is_dir() and not any(folder.iterdir())  # the shards were removed after the search
 
 
+def test_a_failed_search_leaves_no_shard_behind(demo, tmp_path):
+    data, model, tokenizer = demo
+    calls = []
+
+    def failing(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("encoder failed")
+        return model.encode_passages(batch)
+
+    config = EvalConfig(top_k=10, passage_max_len=48, batch_size=7, encode_chunk=7, vectors_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        dense_search(model.encode_queries, failing, tokenizer, data, data.judged_queries("test"), config)
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+
+
 def test_a_shard_holds_the_vectors_in_length_order_and_reads_back_in_corpus_order(demo, tmp_path):
     data, model, tokenizer = demo
     count = 23
     whole = encode_texts(model.encode_passages, tokenizer, data.passage_texts, count, 48, 7, 20)
-    shards = encode_texts(model.encode_passages, tokenizer, data.passage_texts, count, 48, 7, 20, folder=tmp_path)
+    shards = encode_texts(model.encode_passages, tokenizer, data.passage_texts, count, 48, 7, 20, folder=tmp_path,
+                          dtype="float16")
+    assert np.load(shards.paths[0]).dtype == np.float16
+    whole = whole.astype(np.float16)
     assert shards.paths == (tmp_path / "rank-0.npy",) and shards.shape == whole.shape
     lengths = [len(ids) for ids in tokenize(tokenizer, data.passage_texts(range(count)), 48)]
     np.testing.assert_array_equal(np.load(shards.paths[0]), whole[np.argsort(-np.array(lengths), kind="stable")])

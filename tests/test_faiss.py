@@ -30,3 +30,21 @@ def test_k_is_capped_at_corpus_size_and_unknown_kind_fails():
     assert search(build_index(_vectors(3)), _vectors(2), k=100)[1].shape == (2, 3)
     with pytest.raises(ValueError, match="unknown index kind"):
         build_index(_vectors(3), IndexConfig(kind="lsh"))
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_vectors_read_from_shards_on_disk_build_the_index_the_array_builds(kind, tmp_path):
+    """Shards in another row order (as processes write them), read back in corpus order; IVF samples its
+    training rows (1,000 > 256 per list x 2 lists) the same way from both."""
+    from pipeline.evaluate import VectorShards
+
+    p, q = _vectors(1000), _vectors(30, seed=1)
+    rows = np.random.default_rng(2).permutation(len(p))  # position -> corpus row, over the shards in order
+    np.save(tmp_path / "rank-0.npy", p[rows[:600]])
+    np.save(tmp_path / "rank-1.npy", p[rows[600:]])
+    shards = VectorShards([tmp_path / "rank-0.npy", tmp_path / "rank-1.npy"], rows)
+    np.testing.assert_array_equal(shards[:], p)
+    config = IndexConfig(kind=kind, ivf_nlist=2, ivf_nprobe=1)
+    (array_scores, array_ids), (shard_scores, shard_ids) = (search(build_index(x, config), q, k=20) for x in (p, shards))
+    np.testing.assert_array_equal(shard_ids, array_ids)
+    np.testing.assert_array_equal(shard_scores, array_scores)

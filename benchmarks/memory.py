@@ -356,7 +356,7 @@ def main() -> int:
 
     import torch
 
-    from benchmarks.provenance import code_version
+    from benchmarks.provenance import code_version, command_line
     from benchmarks.speed import machine
     from pipeline.io import write_json_atomic
 
@@ -364,7 +364,7 @@ def main() -> int:
         "benchmark": "peak memory of the distill step: plain against cached (memory.mini_batch)",
         "config": "cpu",
         "code": code_version(),
-        "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
+        "command": command_line("benchmarks/memory.py"),
         "sizes": {"queries": args.queries, "group_size": args.group_size, "query_len": args.query_len,
                   "passage_len": args.passage_len, "mini_batch": args.mini_batch, "steps": args.steps,
                   "de_queries": args.de_queries, "de_steps": args.de_steps, "de_rounds": args.de_rounds,

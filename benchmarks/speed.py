@@ -57,7 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.attention_overhead import device_name  # noqa: E402
-from benchmarks.provenance import code_version  # noqa: E402
+from benchmarks.provenance import code_version, command_line  # noqa: E402
 from data.collate import SpecialTokens, cross_inputs, encoder_inputs, tokenize  # noqa: E402
 from models.cross_encoder import CrossEncoder  # noqa: E402
 from models.dual_encoder import DualEncoder  # noqa: E402
@@ -804,7 +804,7 @@ def main() -> int:
         "benchmark": "training and encoding speed against sentence-transformers",
         "config": args.config,
         "code": code_version(),
-        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
+        "command": command_line("benchmarks/speed.py"),
         "quick": args.quick,
         "sizes": asdict(sizes),
         "precision": ("bfloat16 autocast, float32 weights and optimizer" if cuda else "float32")

@@ -188,6 +188,12 @@ class VectorShards:
         return out
 
 
+def npy_header(f, dtype: np.dtype, shape: tuple[int, int]) -> None:
+    """The .npy header of a C-order array of ``dtype`` and ``shape``, whose rows the caller then writes."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                             "shape": shape})
+
+
 @torch.inference_mode()
 def encode_to_shards(
     encoder: Encoder,
@@ -216,14 +222,12 @@ def encode_to_shards(
         written = 0
         for _, vectors in _encoded_chunks(encoder, order, token_ids, special, batch_size, device, desc, chunk):
             if len(vectors) and not written:  # the header, once the width is known
-                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                         "fortran_order": False, "shape": (mine, vectors.shape[1])})
+                npy_header(f, dtype, (mine, vectors.shape[1]))
             f.write(np.ascontiguousarray(vectors.cpu().numpy(), dtype=dtype).tobytes())
             written += len(vectors)
         widths = gather_objects(vectors.shape[1] if written else 0) if size > 1 else [vectors.shape[1]]
         if not written:  # no rows here: an empty shard of the others' width
-            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                     "fortran_order": False, "shape": (0, max(widths))})
+            npy_header(f, dtype, (0, max(widths)))
         f.flush()
         os.fsync(f.fileno())
     gather_objects(None)  # every shard is complete before any is read

@@ -95,7 +95,7 @@ SETTINGS = {
     # trained cross-encoder joins the hybrid teacher, more epochs.
     "gpu": Setting(
         overrides=COMMON + (
-            "run.stages=teacher,warmup,scores,distill", "run.mixed_precision=bf16",
+            "run.stages=teacher,warmup,refresh,scores,distill", "run.mixed_precision=bf16",
             "eval.passage_max_len=254", "eval.batch_size=256",
             "teacher.batch_size=32", "teacher.group_size=8", "teacher.train.epochs=20", "teacher.train.lr=2e-5",
             "teacher.train.checkpoint_every=200", "teacher.train.head_lr=1e-4", "scores.cross_encoder=1.0",

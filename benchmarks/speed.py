@@ -748,6 +748,9 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=None,
                         help="queries per training batch (default 32); a 2-core 24 GB machine runs the full "
                              "distill step out of memory at 32")
+    parser.add_argument("--encode-passages", type=int, default=None,
+                        help="passages the encoding entries encode, a seeded sample of the corpus (default 512 on "
+                             "cpu, all of it on gpu); fewer keeps a slow precision (bf16 on a CPU) within minutes")
     parser.add_argument("--mini-batch", type=int, default=0,
                         help="also time the full and same-work distill steps with memory.mini_batch of this size")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
@@ -778,6 +781,8 @@ def main() -> int:
     sizes = SIZES["quick" if args.quick else args.config]
     if args.queries:
         sizes = replace(sizes, queries=args.queries)
+    if args.encode_passages:
+        sizes = replace(sizes, encode_passages=args.encode_passages)
     repeats = args.repeats or (2 if args.quick else 20 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (3 if cuda and not args.quick else 1)
     if sizes.mfu_model is None and "mfu" in only:

@@ -101,17 +101,20 @@ def test_exponent_without_a_dot_is_a_float(tmp_path):
     assert load_config(path).distill.train.lr == 3e-5
 
 
-def test_the_recommended_recipe_plans_warmup_then_a_cached_hybrid_teacher_then_distill():
+def test_the_recommended_recipe_plans_warmup_dense_negatives_a_cached_lexical_teacher_then_distill():
     from pathlib import Path
 
     from pipeline.plan import stage_plan
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "recommended.yaml")
     plan = dict(stage_plan(config))
-    # The teacher fuses BM25 with the warmup's dual-encoder; distill continues that dual-encoder.
-    assert plan["scores"] == {"dual_encoder": "warmup"}
-    assert plan["distill"] == {"dual_encoder": "warmup", "teacher_scores": "scores"}
+    # The warmup's dual-encoder mines the negatives; the teacher is BM25 on those lists;
+    # distill continues the warmup's dual-encoder on the same lists.
+    assert plan["refresh"] == {"dual_encoder": "warmup"}
+    assert plan["scores"] == {"negatives": "refresh"}
+    assert plan["distill"] == {"dual_encoder": "warmup", "negatives": "refresh", "teacher_scores": "scores"}
     assert {k for k, v in vars(config.warmup.weights).items() if v} == {"de"}
+    assert config.scores.bm25 and not (config.scores.trained_dual_encoder or config.scores.dual_encoder)
     active = {k for k, v in vars(config.distill.weights).items() if v}
     assert active == {"de", "kl_ce_de"} and config.scores.label_correction
 

@@ -15,7 +15,7 @@ on the 300 SciFact test queries, each with nDCG@10, MRR@10, Recall@100 and its w
   contrastive term alone: BM25 negatives, group 4, batch 16, tau 0.05, lr 3e-5) for 1 epoch.
 
 The recommended recipe (3 warmup epochs, the ``scores`` teacher, one distillation epoch) takes
-about 23 minutes per row on 2 cores (benchmarks/results/quality_scifact_cpu.json): seven
+about 23 minutes per row on 2 cores (benchmarks/results/quality_scifact_cpu_hybrid_teacher.json): seven
 fine-tuned rows would take nearly three hours. It is too slow for this budget, so these rows
 fine-tune with the contrastive term alone, for one epoch.
 
@@ -32,7 +32,7 @@ input embeddings and trains the new transform layer and bias at ``posttrain.trai
 tokens (128 with [CLS] and [SEP]), for post-training too, and queries of 30.
 
 One seed: three do not fit. Over 3 seeds the contrastive-only dual-encoder's nDCG@10 varied
-with a standard deviation of about 0.011 (quality_scifact_cpu.json and
+with a standard deviation of about 0.011 (quality_scifact_cpu_hybrid_teacher.json and
 quality_scifact_cpu_previous_1epoch.json), so differences under ~0.01-0.02 here are within seed
 noise; the paired t-test beside each fine-tuned row (per query, against its reference row)
 treats the trained models as fixed and does not see it. Zero-shot rows get the difference
@@ -95,11 +95,11 @@ POSTTRAIN = (
 FINE_TUNE = ("warmup.train.epochs=1",)  # the rest is configs/recommended.yaml's warmup
 FINE_TUNING_NOTE = (
     "the recommended recipe (3 warmup epochs, the scores teacher, one distillation epoch) takes about 23 minutes "
-    "per row on 2 cores (quality_scifact_cpu.json), too slow for this budget: these rows fine-tune with the "
+    "per row on 2 cores (quality_scifact_cpu_hybrid_teacher.json), too slow for this budget: these rows fine-tune with the "
     "contrastive term alone (configs/recommended.yaml's warmup stage) for 1 epoch")
 SEED_NOISE = (
     "over 3 seeds the contrastive-only dual-encoder's nDCG@10 had a standard deviation of about 0.011 "
-    "(quality_scifact_cpu.json, quality_scifact_cpu_previous_1epoch.json): with one seed, differences under "
+    "(quality_scifact_cpu_hybrid_teacher.json, quality_scifact_cpu_previous_1epoch.json): with one seed, differences under "
     "~0.01-0.02 are within seed noise; each row's paired t-test treats the trained models as fixed")
 
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""How far each cached teacher of a run folder is from the student that mined its negatives.
+
+For every finished ``scores`` stage next to a finished ``refresh`` stage, the Spearman correlation,
+per training query, between the order in which the student ranked its mined negatives (the
+``refresh`` list is in the student's order) and the teacher's scores of the same negatives; the
+mean and median over queries. 1 means the teacher only repeats the student's order of its hard
+negatives; near 0, the teacher ranks them its own way. Reads files only (no model, no data).
+
+    python benchmarks/teacher_agreement.py runs/quality_scifact_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def agreement(negatives: dict[str, list[str]], teacher: dict[str, dict[str, float]]) -> list[float]:
+    """Per query: Spearman(student's rank of its negatives, teacher's scores of them), queries with > 3 scored.
+
+    >>> agreement({"q": ["a", "b", "c", "d"]}, {"q": {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}})
+    [1.0]
+    """
+    out = []
+    for query, docs in negatives.items():
+        scores = [teacher[query][d] for d in docs if d in teacher.get(query, {})]
+        if len(scores) > 3:
+            out.append(float(spearmanr(np.arange(len(scores)), -np.asarray(scores)).correlation))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder holding refresh-*/ and scores-*/ stages")
+    args = parser.parse_args(argv)
+    refreshes = sorted(args.run_dir.glob("refresh-*/final/negatives.jsonl"))
+    if len(refreshes) != 1:
+        parser.error(f"{args.run_dir}: expected one finished refresh stage, found {len(refreshes)}")
+    negatives = {row["query_id"]: row["negatives"] for row in read_jsonl(refreshes[0])}
+    for path in sorted(args.run_dir.glob("scores-*/final/teacher_scores.jsonl")):
+        teacher = {row["query_id"]: row["scores"] for row in read_jsonl(path)}
+        metrics = json.loads((path.parents[1] / "eval" / "metrics.json").read_text())
+        values = agreement(negatives, teacher)
+        print(f"{path.parents[1].name}: {next(iter(metrics))}: Spearman with the student's order over "
+              f"{len(values)} queries: mean {np.nanmean(values):.3f}, median {np.nanmedian(values):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

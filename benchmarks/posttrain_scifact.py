@@ -14,7 +14,7 @@ on the 300 SciFact test queries, each with nDCG@10, MRR@10, Recall@100 and its w
   post-training, and with CLS pooling: the ``warmup`` stage of configs/recommended.yaml (the
   contrastive term alone: BM25 negatives, group 4, batch 16, tau 0.05, lr 3e-5) for 1 epoch.
 
-The recommended recipe (3 warmup epochs, the ``scores`` teacher, one distillation epoch) takes
+The previous recommended recipe (3 warmup epochs, the ``scores`` teacher, one distillation epoch) took
 about 23 minutes per row on 2 cores (benchmarks/results/quality_scifact_cpu_hybrid_teacher.json): seven
 fine-tuned rows would take nearly three hours. It is too slow for this budget, so these rows
 fine-tune with the contrastive term alone, for one epoch.
@@ -94,7 +94,7 @@ POSTTRAIN = (
 )
 FINE_TUNE = ("warmup.train.epochs=1",)  # the rest is configs/recommended.yaml's warmup
 FINE_TUNING_NOTE = (
-    "the recommended recipe (3 warmup epochs, the scores teacher, one distillation epoch) takes about 23 minutes "
+    "the previous recommended recipe (3 warmup epochs, the scores teacher, one distillation epoch) took about 23 minutes "
     "per row on 2 cores (quality_scifact_cpu_hybrid_teacher.json), too slow for this budget: these rows fine-tune with the "
     "contrastive term alone (configs/recommended.yaml's warmup stage) for 1 epoch")
 SEED_NOISE = (

@@ -6,11 +6,13 @@ trains on SciFact's train split minus a fixed dev split of 100 queries (``data.d
 the first 100 judged train queries by sha256("dev:" + id)). ``--split dev`` evaluates on that dev
 split, for choosing a recipe; the default ``--split test`` reads the 300 test queries, for the
 final table only. Each row goes through the pipeline's own ``run`` (stages shared through the run
-folder's hashes; the recipe's ``scores`` teacher fuses BM25 with the seed's own ``warmup``
-dual-encoder, so each seed has its own teacher, and in ``gpu`` its own cross-encoder too):
+folder's hashes; the recipe's ``scores`` teacher is BM25 on the negatives the seed's own
+``warmup`` dual-encoder mined (``refresh``), so each seed has its own teacher lists, and in ``gpu``
+the teacher adds the seed's own cross-encoder):
 
 - baselines: BM25 and the zero-shot dual-encoder;
-- the teacher of each seed: the ``scores`` stage's hybrid ranker re-ranking BM25's top 100;
+- the teacher of each seed: the ``scores`` stage's ranker re-ranking BM25's top 100 (for BM25
+  alone, BM25 itself: the target on it is then missed by construction, and reported);
 - per seed: the recommended recipe's dual-encoder and the dual-encoder trained with the
   contrastive term alone (the same warmup, then the same last stage, steps, negatives, batches
   and schedule with every term but the contrastive one off);

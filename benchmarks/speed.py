@@ -731,6 +731,13 @@ SECTIONS = ("dual_encoder", "cross_encoder", "encoding", "distill", "mfu")
 OPTIONAL = ("bf16",)  # run only when named in --only
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
@@ -748,9 +755,10 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=None,
                         help="queries per training batch (default 32); a 2-core 24 GB machine runs the full "
                              "distill step out of memory at 32")
-    parser.add_argument("--encode-passages", type=int, default=None,
+    parser.add_argument("--encode-passages", type=positive_int, default=None,
                         help="passages the encoding entries encode, a seeded sample of the corpus (default 512 on "
-                             "cpu, all of it on gpu); fewer keeps a slow precision (bf16 on a CPU) within minutes")
+                             "cpu, 32 with --quick, all of it on gpu); fewer keeps a slow precision (bf16 on a CPU) "
+                             "within minutes")
     parser.add_argument("--mini-batch", type=int, default=0,
                         help="also time the full and same-work distill steps with memory.mini_batch of this size")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))

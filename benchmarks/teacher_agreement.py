@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """How far each cached teacher of a run folder is from the student that mined its negatives.
 
-For every finished ``scores`` stage next to a finished ``refresh`` stage, the Spearman correlation,
-per training query, between the order in which the student ranked its mined negatives (the
-``refresh`` list is in the student's order) and the teacher's scores of the same negatives; the
-mean and median over queries. 1 means the teacher only repeats the student's order of its hard
+For every finished ``scores`` stage that scored the negatives of a ``refresh`` stage (its
+``DONE.json`` names that stage's hash), the Spearman correlation, per training query with more
+than 3 scored negatives, between the order in which the student ranked its mined negatives (the
+``refresh`` list is in the student's order, best first) and the teacher's scores of the same
+negatives; the mean and median over queries. Stages that scored BM25's negatives are skipped. 1 means the teacher only repeats the student's order of its hard
 negatives; near 0, the teacher ranks them its own way. Reads files only (no model, no data).
 
     python benchmarks/teacher_agreement.py runs/quality_scifact_cpu
@@ -35,7 +36,7 @@ def agreement(negatives: dict[str, list[str]], teacher: dict[str, dict[str, floa
     out = []
     for query, docs in negatives.items():
         scores = [teacher[query][d] for d in docs if d in teacher.get(query, {})]
-        if len(scores) > 3:
+        if len(scores) > 3 and np.ptp(scores) > 0:  # a teacher that scores them all alike has no order
             out.append(float(spearmanr(np.arange(len(scores)), -np.asarray(scores)).correlation))
     return out
 
@@ -44,16 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run folder holding refresh-*/ and scores-*/ stages")
     args = parser.parse_args(argv)
-    refreshes = sorted(args.run_dir.glob("refresh-*/final/negatives.jsonl"))
-    if len(refreshes) != 1:
-        parser.error(f"{args.run_dir}: expected one finished refresh stage, found {len(refreshes)}")
-    negatives = {row["query_id"]: row["negatives"] for row in read_jsonl(refreshes[0])}
+    reported = 0
     for path in sorted(args.run_dir.glob("scores-*/final/teacher_scores.jsonl")):
+        stage = path.parents[1]
+        refresh_hash = json.loads((stage / "DONE.json").read_text()).get("inputs", {}).get("negatives")
+        if not refresh_hash:
+            continue  # the teacher scored BM25's negatives: no student order to compare with
+        mined = args.run_dir / f"refresh-{refresh_hash[:8]}" / "final" / "negatives.jsonl"
+        negatives = {row["query_id"]: row["negatives"] for row in read_jsonl(mined)}
         teacher = {row["query_id"]: row["scores"] for row in read_jsonl(path)}
-        metrics = json.loads((path.parents[1] / "eval" / "metrics.json").read_text())
+        metrics = json.loads((stage / "eval" / "metrics.json").read_text())
         values = agreement(negatives, teacher)
-        print(f"{path.parents[1].name}: {next(iter(metrics))}: Spearman with the student's order over "
-              f"{len(values)} queries: mean {np.nanmean(values):.3f}, median {np.nanmedian(values):.3f}")
+        print(f"{stage.name} (negatives of {mined.parents[1].name}): {next(iter(metrics))}: Spearman with the "
+              f"student's order over {len(values)} queries: mean {np.mean(values):.3f}, median {np.median(values):.3f}")
+        reported += 1
+    if not reported:
+        parser.error(f"{args.run_dir}: no finished scores stage that scored a refresh stage's negatives")
     return 0
 
 

@@ -22,19 +22,33 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def test_main_reports_each_scores_stage_of_a_run_folder(tmp_path, capsys):
-    write_jsonl(tmp_path / "refresh-1" / "final" / "negatives.jsonl", [{"query_id": "q", "negatives": list("abcd")}])
-    for name, scores in (("scores-same", [4, 3, 2, 1]), ("scores-reverse", [1, 2, 3, 4])):
-        write_jsonl(tmp_path / name / "final" / "teacher_scores.jsonl",
-                    [{"query_id": "q", "scores": dict(zip("abcd", map(float, scores)))}])
-        (tmp_path / name / "eval").mkdir()
-        (tmp_path / name / "eval" / "metrics.json").write_text(json.dumps({f"teacher {name}": {"ndcg@10": 0.5}}))
+def test_a_teacher_that_scores_every_negative_alike_counts_no_query():
+    assert agreement({"q": list("abcd")}, {"q": dict.fromkeys("abcd", 0.0)}) == []
+
+
+def scores_stage(root, name, negatives_hash, scores):
+    write_jsonl(root / name / "final" / "teacher_scores.jsonl",
+                [{"query_id": "q", "scores": dict(zip("abcd", map(float, scores)))}])
+    (root / name / "eval").mkdir()
+    (root / name / "eval" / "metrics.json").write_text(json.dumps({f"teacher {name}": {"ndcg@10": 0.5}}))
+    inputs = {"negatives": negatives_hash} if negatives_hash else {}
+    (root / name / "DONE.json").write_text(json.dumps({"stage": "scores", "inputs": inputs}))
+
+
+def test_main_pairs_each_scores_stage_with_the_refresh_it_scored(tmp_path, capsys):
+    write_jsonl(tmp_path / "refresh-aaaaaaaa" / "final" / "negatives.jsonl", [{"query_id": "q", "negatives": list("abcd")}])
+    write_jsonl(tmp_path / "refresh-bbbbbbbb" / "final" / "negatives.jsonl", [{"query_id": "q", "negatives": list("dcba")}])
+    scores_stage(tmp_path, "scores-1", "a" * 64, [4, 3, 2, 1])  # the order of refresh-aaaaaaaa
+    scores_stage(tmp_path, "scores-2", "b" * 64, [4, 3, 2, 1])  # the reverse of refresh-bbbbbbbb
+    scores_stage(tmp_path, "scores-3", None, [1, 2, 3, 4])  # BM25's negatives: skipped
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("scores-reverse: teacher scores-reverse") and "mean -1.000" in out[0]
-    assert out[1].startswith("scores-same: teacher scores-same") and "mean 1.000" in out[1]
+    assert len(out) == 2
+    assert out[0].startswith("scores-1 (negatives of refresh-aaaaaaaa): teacher scores-1") and "mean 1.000" in out[0]
+    assert out[1].startswith("scores-2 (negatives of refresh-bbbbbbbb): teacher scores-2") and "mean -1.000" in out[1]
 
 
-def test_main_refuses_a_folder_without_one_refresh_stage(tmp_path):
+def test_main_refuses_a_folder_without_a_teacher_on_refreshed_negatives(tmp_path):
+    scores_stage(tmp_path, "scores-3", None, [1, 2, 3, 4])
     with pytest.raises(SystemExit):
         main([str(tmp_path)])

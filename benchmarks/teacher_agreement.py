@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+from pipeline.run import NEGATIVES_FILE, TEACHER_SCORES_FILE, read_negatives  # noqa: E402
+from pipeline.stages.common import read_teacher_scores  # noqa: E402
 
 
 def agreement(negatives: dict[str, list[str]], teacher: dict[str, dict[str, float]]) -> list[float]:
@@ -46,14 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run folder holding refresh-*/ and scores-*/ stages")
     args = parser.parse_args(argv)
     reported = 0
-    for path in sorted(args.run_dir.glob("scores-*/final/teacher_scores.jsonl")):
+    for path in sorted(args.run_dir.glob(f"scores-*/final/{TEACHER_SCORES_FILE}")):
         stage = path.parents[1]
         refresh_hash = json.loads((stage / "DONE.json").read_text()).get("inputs", {}).get("negatives")
         if not refresh_hash:
             continue  # the teacher scored BM25's negatives: no student order to compare with
-        mined = args.run_dir / f"refresh-{refresh_hash[:8]}" / "final" / "negatives.jsonl"
-        negatives = {row["query_id"]: row["negatives"] for row in read_jsonl(mined)}
-        teacher = {row["query_id"]: row["scores"] for row in read_jsonl(path)}
+        mined = args.run_dir / f"refresh-{refresh_hash[:8]}" / "final" / NEGATIVES_FILE
+        negatives, teacher = read_negatives(mined), read_teacher_scores(path)
         metrics = json.loads((stage / "eval" / "metrics.json").read_text())
         values = agreement(negatives, teacher)
         print(f"{stage.name} (negatives of {mined.parents[1].name}): {next(iter(metrics))}: Spearman with the "

@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_note": "wall time of each part in this invocation; stages an earlier invocation finished in the "
                         "same run folder are read back (DONE.json), not trained again",
         "rows": rows, "summary": summary, "targets": check_targets(summary, setting.targets),
+        # Kept so that a later run over the same split can be paired with this one query by query.
+        "per_query_ndcg@10": {e: {str(seed): {q: round(v, 4) for q, v in sorted(m[PER_QUERY].items())}
+                                  for seed, m in per_seed.items()} for e, per_seed in by_experiment.items()},
         "published_ndcg@10": PUBLISHED,
     }
     suffix = "" if args.split == "test" else f"_{args.split}"

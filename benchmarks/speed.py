@@ -757,8 +757,8 @@ def main() -> int:
                              "distill step out of memory at 32")
     parser.add_argument("--encode-passages", type=positive_int, default=None,
                         help="passages the encoding entries encode, a seeded sample of the corpus (default 512 on "
-                             "cpu, 32 with --quick, all of it on gpu); fewer keeps a slow precision (bf16 on a CPU) "
-                             "within minutes")
+                             "cpu, 32 with --quick, all of it on gpu); fewer keeps a run with --only bf16, which times "
+                             "both precisions, within minutes")
     parser.add_argument("--mini-batch", type=int, default=0,
                         help="also time the full and same-work distill steps with memory.mini_batch of this size")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))

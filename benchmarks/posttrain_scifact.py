@@ -14,8 +14,9 @@ on the 300 SciFact test queries, each with nDCG@10, MRR@10, Recall@100 and its w
   post-training, and with CLS pooling: the ``warmup`` stage of configs/recommended.yaml (the
   contrastive term alone: BM25 negatives, group 4, batch 16, tau 0.05, lr 3e-5) for 1 epoch.
 
-The previous recommended recipe (3 warmup epochs, the ``scores`` teacher, one distillation epoch) took
-about 23 minutes per row on 2 cores (benchmarks/results/quality_scifact_cpu_hybrid_teacher.json): seven
+The previous recommended recipe (3 warmup epochs, the ``scores`` teacher, one distillation
+epoch) took about 23 minutes per row on 2 cores
+(benchmarks/results/quality_scifact_cpu_hybrid_teacher.json): seven
 fine-tuned rows would take nearly three hours. It is too slow for this budget, so these rows
 fine-tune with the contrastive term alone, for one epoch.
 

@@ -87,7 +87,7 @@ CONTRASTIVE = "contrastive-only"
 RECIPE_FILE = ROOT / "configs" / "recommended.yaml"
 SETTINGS = {
     # 2 CPU cores: the student reads 128 tokens of each passage, the teacher 256; the recipe's epochs (3);
-    # bf16 autocast, 0.66 of float32's time with avx512_bf16 and within noise of it on SciFact (README;
+    # bf16 autocast, 0.65 of float32's time with avx512_bf16 and within noise of it on SciFact (README;
     # append run.mixed_precision=no for float32, on a CPU without avx512_bf16 or AMX).
     "cpu": Setting(
         overrides=COMMON + ("eval.passage_max_len=126", "eval.batch_size=64"),

@@ -5,8 +5,9 @@ For every finished ``scores`` stage that scored the negatives of a ``refresh`` s
 ``DONE.json`` names that stage's hash), the Spearman correlation, per training query with more
 than 3 scored negatives, between the order in which the student ranked its mined negatives (the
 ``refresh`` list is in the student's order, best first) and the teacher's scores of the same
-negatives; the mean and median over queries. Stages that scored BM25's negatives are skipped. 1 means the teacher only repeats the student's order of its hard
-negatives; near 0, the teacher ranks them its own way. Reads files only (no model, no data).
+negatives; the mean and median over queries. Stages that scored BM25's negatives are skipped.
+1 means the teacher only repeats the student's order of its hard negatives; near 0, the teacher
+ranks them its own way. Reads files only (no model, no data).
 
     python benchmarks/teacher_agreement.py runs/quality_scifact_cpu
 """

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
               for e in chosen]
 
     started, code = time.perf_counter(), code_version()  # the code that produced the rows, taken before they run
-    rows, seconds, by_experiment, teachers = [], {}, {e.name: {} for e in chosen}, {}
+    rows, seconds, by_experiment, teachers, cross_encoders = [], {}, {e.name: {} for e in chosen}, {}, {}
     for seed in seeds:
         for experiment in chosen:
             begun = time.perf_counter()
@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                          metric_row("zero-shot dual-encoder (all-MiniLM-L6-v2)", results["initial"]["dual-encoder"])]
                 seconds[f"{experiment.name} seed {seed}, with BM25 and the zero-shot evaluation"] = seconds.pop(
                     f"{experiment.name} seed {seed}")
+            if "teacher" in results and seed not in cross_encoders:  # the teacher stage's cross-encoder on its own
+                label, cross_encoders[seed] = next(iter(results["teacher"].items()))
+                rows.append(metric_row(f"cross-encoder alone: {label}, seed {seed}", cross_encoders[seed], seed=seed))
             if "scores" in results and seed not in teachers:  # one teacher per seed when it fuses a trained stage
                 label, teachers[seed] = next(iter(results["scores"].items()))
                 rows.append(metric_row(f"teacher: {label}, seed {seed}", teachers[seed], seed=seed))
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     if RECIPE in by_experiment and CONTRASTIVE in by_experiment:
         summary = compare(by_experiment[RECIPE], by_experiment[CONTRASTIVE])
+    if cross_encoders:
+        summary["cross_encoder_rerank_ndcg@10"] = round(float(np.mean([t["ndcg@10"] for t in cross_encoders.values()])), 4)
     if teachers:
         summary["teacher_rerank_ndcg@10"] = round(float(np.mean([t["ndcg@10"] for t in teachers.values()])), 4)
     report = {

@@ -24,7 +24,7 @@ from typing import Sequence
 from data.demo import built_demo, ensure_demo
 from data.errors import InputError
 from pipeline.config import DEMO, PipelineConfig, to_dict
-from pipeline.stages.configs import needs
+from pipeline.stages.configs import needs, stage_seed
 from pipeline.train import latest_checkpoint
 
 SOURCE_PACKAGES = ("data", "models", "losses", "pipeline")
@@ -218,7 +218,7 @@ def plan_stages(config: PipelineConfig, base: dict) -> list[PlannedStage]:
     """Every stage of ``config`` with its hash and folder; a pure function of the config and ``base``."""
     stages: dict[str, PlannedStage] = {}
     for name, roles in stage_plan(config):
-        seed = None if name in DETERMINISTIC_STAGES else config.run.seed
+        seed = None if name in DETERMINISTIC_STAGES else stage_seed(config, name)
         key = _plain({"stage": name, name: to_dict(getattr(config, name)), **base,
                       "run": {**base.get("run", {}), "seed": seed},
                       "inputs": {role: stages[up].hash for role, up in roles.items()}})

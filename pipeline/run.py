@@ -44,6 +44,7 @@ from pipeline.plan import (base_key, bm25_index_dir, code_version, initial_file,
                            resolve_inputs, stage_action, stage_state)
 from pipeline.report import stage_table, write_report
 from pipeline.stages.common import StageContext
+from pipeline.stages.configs import stage_seed
 from pipeline.stages.distill import run_distill
 from pipeline.stages.posttrain import run_posttrain
 from pipeline.stages.refresh import NEGATIVES_FILE, run_refresh
@@ -284,9 +285,10 @@ def _run(config: PipelineConfig, only: list[str] | None, variant: str, accelerat
                 if not (folders[up] / "DONE.json").exists():
                     raise InputError(f"stage {name} needs {up}, which has not finished", folders[up])
             log.info("stage %s: %s", name, f"resuming at step {state.resume_step}" if action == "resume" else "starting")
-            # A stage's randomness depends on the run seed and its name alone: not on what ran before
-            # in this process, nor on where the files live.
-            set_seed(config.run.seed + int(hashlib.sha256(name.encode()).hexdigest()[:6], 16) % 1000)
+            # A stage's randomness depends on its seed (the run's, or the teacher's own) and its name
+            # alone: not on what ran before in this process, nor on where the files live.
+            name_offset = int(hashlib.sha256(name.encode()).hexdigest()[:6], 16) % 1000
+            set_seed(stage_seed(config, name) + name_offset)
             stage_negatives = read_negatives(inputs["negatives"]) if "negatives" in inputs else bm25.negatives
             ctx = StageContext(config=config, accelerator=accelerator, data=data, tokenizer=tokenizer,
                                negatives=stage_negatives, stage_dir=stage_dir,

@@ -43,6 +43,10 @@ class TeacherConfig:
     batch_size: int = bounded(16, ge=1, note="groups; at most the judged training queries")
     group_size: int = bounded(4, ge=2, note="the positive and group_size - 1 negatives from the corpus")
     tau: float = bounded(1.0, gt=0)
+    # -1: run.seed. A seed of its own makes the stage (its hash and its training) the same for every
+    # run seed, so a benchmark over seeds trains the teacher once and every seed distils from it
+    # (unless an earlier seeded stage, posttrain, feeds it).
+    seed: int = bounded(-1, ge=-1, le=2**31 - 1, note="-1: run.seed")
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,16 @@ class RefreshConfig:
 
     depth: int = bounded(30, ge=1)
     skip_top: int = bounded(0, ge=0)
+
+
+def stage_seed(config, name: str) -> int:
+    """The seed stage ``name`` of ``config`` (a ``PipelineConfig``) trains with.
+
+    ``teacher.seed`` for the teacher where it is set, else ``run.seed``.
+    """
+    if name == "teacher" and config.teacher.seed >= 0:
+        return config.teacher.seed
+    return config.run.seed
 
 
 def needs(weights: dict[str, float], teacher: str = "cross_encoder") -> dict[str, bool]:

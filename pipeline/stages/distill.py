@@ -266,7 +266,7 @@ def run_distill(ctx: StageContext, stage: DistillConfig) -> dict[str, dict[str, 
     cascade = Cascade(de, col, ce, stage, weights)
     active = {k: v for k, v in weights.items() if v}
     teacher_scores = read_teacher_scores(ctx.inputs["teacher_scores"]) if use["cached"] else None
-    batches = GroupBatches(training_groups(ctx, stage.group_size), ctx.text, stage.batch_size,
+    batches = GroupBatches(training_groups(ctx, stage.group_size, ctx.config.run.seed), ctx.text, stage.batch_size,
                            with_pairs=use["ce"], teacher_scores=teacher_scores, **ctx.process)
 
     def step(model, batch: GroupBatch) -> dict[str, torch.Tensor]:

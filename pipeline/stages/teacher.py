@@ -10,19 +10,19 @@ from models.cross_encoder import CrossEncoder
 from pipeline.batches import GroupBatches
 from pipeline.io import atomic_dir
 from pipeline.stages.common import StageContext, cross_encoder_scorer, rerank, rerank_label
-from pipeline.stages.configs import TeacherConfig
+from pipeline.stages.configs import TeacherConfig, stage_seed
 from pipeline.train import train
 
 
-def training_groups(ctx: StageContext, group_size: int) -> TrainGroups:
+def training_groups(ctx: StageContext, group_size: int, seed: int) -> TrainGroups:
     split = ctx.config.data.train_split
-    return TrainGroups(ctx.data.qrels[split], ctx.negatives, ctx.data.corpus["_id"], group_size, ctx.config.run.seed)
+    return TrainGroups(ctx.data.qrels[split], ctx.negatives, ctx.data.corpus["_id"], group_size, seed)
 
 
 def run_teacher(ctx: StageContext, stage: TeacherConfig) -> dict[str, dict[str, float]]:
     model = CrossEncoder.from_pretrained(ctx.inputs["encoder"], trust_remote_code=ctx.config.model.trust_remote_code)
-    batches = GroupBatches(training_groups(ctx, stage.group_size), ctx.text, stage.batch_size, with_pairs=True,
-                           **ctx.process)
+    groups = training_groups(ctx, stage.group_size, stage_seed(ctx.config, "teacher"))
+    batches = GroupBatches(groups, ctx.text, stage.batch_size, with_pairs=True, **ctx.process)
 
     def step(model, batch) -> dict[str, torch.Tensor]:
         batch = batch.to(ctx.device)

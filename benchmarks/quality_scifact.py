@@ -260,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                          metric_row("zero-shot dual-encoder (all-MiniLM-L6-v2)", results["initial"]["dual-encoder"])]
                 seconds[f"{experiment.name} seed {seed}, with BM25 and the zero-shot evaluation"] = seconds.pop(
                     f"{experiment.name} seed {seed}")
-            shared = config.teacher.seed >= 0  # one cross-encoder for every seed: one row
-            if "teacher" in results and seed not in cross_encoders and not (shared and cross_encoders):
-                label, cross_encoders[seed] = next(iter(results["teacher"].items()))  # the cross-encoder on its own
-                trained = f"teacher.seed {config.teacher.seed}" if shared else f"seed {seed}"
-                rows.append(metric_row(f"cross-encoder alone: {label}, {trained}", cross_encoders[seed], seed=seed))
+            # The cross-encoder on its own, one row per seed that trained one (one for all with teacher.seed).
+            trained = f"teacher.seed {config.teacher.seed}" if config.teacher.seed >= 0 else f"seed {seed}"
+            if "teacher" in results and trained not in cross_encoders:
+                label, cross_encoders[trained] = next(iter(results["teacher"].items()))
+                rows.append(metric_row(f"cross-encoder alone: {label}, {trained}", cross_encoders[trained], seed=seed))
             if "scores" in results and seed not in teachers:  # one teacher per seed when it fuses a trained stage
                 label, teachers[seed] = next(iter(results["scores"].items()))
                 rows.append(metric_row(f"teacher: {label}, seed {seed}", teachers[seed], seed=seed))

@@ -109,7 +109,7 @@ def test_seeds_share_the_deterministic_scores_stage_only(tmp_path):
 def test_a_teacher_with_its_own_seed_is_trained_once_for_every_run_seed(tmp_path):
     from safetensors.torch import load_file
 
-    def head(name):  # the classifier weights of each teacher stage of run ``name``, by folder name
+    def heads(name):  # the classifier weights of each teacher stage of run ``name``
         folders = sorted(tiny_config(tmp_path, name=name).run_dir.glob("teacher-*"))
         return [load_file(f / "final" / "model.safetensors")["classifier.weight"] for f in folders]
 
@@ -118,14 +118,15 @@ def test_a_teacher_with_its_own_seed_is_trained_once_for_every_run_seed(tmp_path
         run(tiny_config(tmp_path, "run.stages=teacher,distill", *short, "teacher.seed=7", f"run.seed={seed}",
                         name="shared"))
     config = tiny_config(tmp_path, name="shared")
-    assert len(head("shared")) == 1 and len(list(config.run_dir.glob("distill-*"))) == 2
-    # It trains with its own seed: the same weights as a teacher of run seed 7; run seeds 1 and 2
+    (shared,) = heads("shared")
+    assert len(list(config.run_dir.glob("distill-*"))) == 2
+    # It trains with its own seed: the same weights as the teacher of run seed 7; run seeds 1 and 2
     # without a seed of its own train two different teachers.
+    own = {}
     for seed in (1, 2, 7):
-        run(tiny_config(tmp_path, "run.stages=teacher", *short, f"run.seed={seed}", name="own"))
-    own = head("own")
-    assert len(own) == 3 and not torch.equal(own[0], own[1])
-    assert sum(torch.equal(w, head("shared")[0]) for w in own) == 1
+        run(tiny_config(tmp_path, "run.stages=teacher", *short, f"run.seed={seed}", name=f"own{seed}"))
+        (own[seed],) = heads(f"own{seed}")
+    assert torch.equal(own[7], shared) and not torch.equal(own[1], shared) and not torch.equal(own[1], own[2])
 
 
 def test_a_teacher_weaker_than_the_student_is_reported(caplog):
